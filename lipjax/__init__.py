@@ -1,0 +1,61 @@
+"""lipjax: certifiably robust classifiers with CRM and LipLT in JAX.
+
+The public API is flat::
+
+  import lipjax
+  L = lipjax.bound([W0, W1, W2], method="liplt", kind="pairwise")
+
+See README.md for more.
+"""
+
+from lipjax import activations
+from lipjax import bounds
+from lipjax import exact
+from lipjax import linear_maps
+from lipjax import models
+from lipjax import power_iteration
+from lipjax.activations import ACTIVATIONS
+from lipjax.api import BoundInfo
+from lipjax.api import CONVERGED_SAFETY_FACTOR
+from lipjax.api import EXACT_SAFETY_FACTOR
+from lipjax.api import bound
+from lipjax.api import init_power_state
+from lipjax.bounds import bound_from_norms
+from lipjax.bounds import liplt_bound
+from lipjax.bounds import naive_bound
+from lipjax.bounds import required_products
+from lipjax.linear_maps import LinearChain
+from lipjax.linear_maps import LinearOp
+from lipjax.linear_maps import from_matrices
+from lipjax.linear_maps import from_model
+from lipjax.linear_maps import to_chain
+from lipjax.power_iteration import ConvergenceInfo
+from lipjax.power_iteration import PowerState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ACTIVATIONS",
+    "BoundInfo",
+    "CONVERGED_SAFETY_FACTOR",
+    "ConvergenceInfo",
+    "EXACT_SAFETY_FACTOR",
+    "LinearChain",
+    "LinearOp",
+    "PowerState",
+    "activations",
+    "bound",
+    "bound_from_norms",
+    "bounds",
+    "exact",
+    "from_matrices",
+    "from_model",
+    "init_power_state",
+    "linear_maps",
+    "liplt_bound",
+    "models",
+    "naive_bound",
+    "power_iteration",
+    "required_products",
+    "to_chain",
+)
