@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax.linear_maps import LinearChain
-from lipjax.power_iteration import Product
+from lipjax.power_iteration import Product, _check_products
 
 DEFAULT_MAX_BYTES = 4 * 2**30
 
@@ -44,7 +44,7 @@ class GramSize:
 
 
 def gram_size(chain: LinearChain, product: Product) -> GramSize:
-  s, e = product
+  ((s, e),) = _check_products(chain, [product])  # raises for a bad product
   return GramSize(product=(s, e), in_dim=chain.ops[s].in_dim,
                   out_dim=chain.ops[e].out_dim)
 
@@ -86,6 +86,8 @@ def product_norm(chain: LinearChain, product: Product, *,
     MemoryError: if the Gram matrix would exceed ``max_bytes``; the message
       gives the sizes.
   """
+  if not (isinstance(chunk_size, int) and chunk_size >= 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
   size = gram_size(chain, product)
   s, e = size.product
   if size.gram_bytes > max_bytes:
@@ -127,15 +129,14 @@ def product_norms(chain: LinearChain, products: Sequence[Product], *,
     max_bytes: per-product Gram matrix limit.
     progress: optional callback that receives one line per product.
   """
-  for product in products:
-    size = gram_size(chain, product)
+  sizes = [gram_size(chain, product) for product in products]
+  for size in sizes:
     if size.gram_bytes > max_bytes:
-      product_norm(chain, product, max_bytes=max_bytes)  # raises with sizes
+      product_norm(chain, size.product, max_bytes=max_bytes)  # raises
   norms = []
-  for i, product in enumerate(products):
+  for i, (product, size) in enumerate(zip(products, sizes)):
     norms.append(product_norm(chain, product, max_bytes=max_bytes))
     if progress is not None:
-      size = gram_size(chain, product)
       progress(f"exact norm {i + 1}/{len(products)}: W_{product[1]}..."
                f"W_{product[0]} ({size.side}x{size.side} Gram) = "
                f"{norms[-1]:.6g}")

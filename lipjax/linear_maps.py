@@ -162,11 +162,10 @@ class LinearChain:
 
 
 def _check_shapes(ops: Sequence[LinearOp]) -> None:
+  # Shapes must agree exactly (not just in size): the adjoint of layer k+1
+  # returns its declared input shape, which layer k's adjoint must accept.
   for k, (op, nxt) in enumerate(zip(ops[:-1], ops[1:])):
-    out_dim, in_dim = op.out_dim, nxt.in_dim
-    flattens = nxt.kind == "dense" and len(nxt.in_shape) > 1
-    if op.out_shape != tuple(nxt.in_shape) and not (
-        flattens and out_dim == in_dim):
+    if op.out_shape != tuple(nxt.in_shape):
       raise ValueError(
           f"Layer {k} outputs shape {op.out_shape} but layer {k + 1} expects "
           f"{tuple(nxt.in_shape)}: the layers do not form a chain.")
@@ -298,11 +297,18 @@ def to_chain(network, *, slopes=None) -> LinearChain:
   """
   if isinstance(network, LinearChain):
     chain = network
-  elif isinstance(network, (list, tuple)) and all(
-      isinstance(op, LinearOp) for op in network):
-    chain = from_ops(network)
   elif isinstance(network, (list, tuple)):
-    chain = from_matrices(network)
+    is_op = [isinstance(op, LinearOp) for op in network]
+    if any(is_op) and not all(is_op):
+      raise TypeError("A network given as a list must hold only weight "
+                      "matrices or only LinearOps, not a mix.")
+    chain = from_ops(network) if network and all(is_op) else from_matrices(
+        network)
+  elif isinstance(network, (np.ndarray, jax.Array)):
+    raise TypeError(
+        f"Got one array of shape {network.shape}; pass the weight matrices "
+        "as a list [W0, W1, ...] (each [out, in]), since their shapes "
+        "usually differ.")
   else:
     chain = from_model(network)
   if slopes is not None:

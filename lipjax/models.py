@@ -21,6 +21,7 @@ units. Lipschitz logic lives in :mod:`lipjax.linear_maps`, not here.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -62,9 +63,17 @@ def _torch_default_init(fan_in: int):
   return init
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(value):
+  return int(value) if _is_int(value) else value
+
+
 def normalize_spec(spec: Sequence) -> tuple:
   """Validates a layer spec list; returns it as a tuple of tuples."""
-  spec = tuple(tuple(layer) for layer in spec)
+  spec = tuple(tuple(_as_int(v) for v in layer) for layer in spec)
   if not spec:
     raise ValueError("An architecture needs at least one layer.")
   seen_dense = False
@@ -74,14 +83,14 @@ def normalize_spec(spec: Sequence) -> tuple:
       if seen_dense:
         raise ValueError(f"Layer {k}: a conv after a dense layer is not "
                          "supported (the network is conv* then dense+).")
-      if len(layer) != 5 or not all(isinstance(v, int) and v >= 0
+      if len(layer) != 5 or not all(_is_int(v) and v >= 0
                                     for v in layer[1:]) or min(layer[1:4]) < 1:
         raise ValueError(f"Layer {k}: expected ('conv', features, kernel, "
                          f"stride, padding) with positive ints, got {layer}.")
     elif kind == "dense":
       seen_dense = True
       if len(layer) != 2 or not (layer[1] is None or (
-          isinstance(layer[1], int) and layer[1] > 0)):
+          _is_int(layer[1]) and layer[1] > 0)):
         raise ValueError(f"Layer {k}: expected ('dense', features or None), "
                          f"got {layer}.")
     else:
@@ -114,8 +123,9 @@ class SequentialNet(nnx.Module):
     if len(input_shape) != 3 or min(input_shape) < 1:
       raise ValueError(f"input_shape must be (H, W, C) with positive sizes, "
                        f"got {input_shape}.")
-    if not isinstance(num_classes, int) or num_classes < 2:
-      raise ValueError(f"num_classes must be an int >= 2, got {num_classes}.")
+    if not _is_int(num_classes) or num_classes < 2:
+      raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    num_classes = int(num_classes)
     activations.get_activation(activation)  # validates the name
     channels = input_shape[-1]
     mean = (0.0,) * channels if input_mean is None else tuple(
