@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections). Each file's docstring gives its command."""

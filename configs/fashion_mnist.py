@@ -1,0 +1,41 @@
+"""Fashion-MNIST, CRM + LipLT pairwise.
+
+Full recipe (4C3F, the MNIST schedule of SPEC §6.2, 100 epochs):
+
+  python train.py --config configs/fashion_mnist.py --workdir runs/fmnist
+
+Quick variant for a 2-core CPU (a few minutes; what `make demo` runs):
+
+  python train.py --config configs/fashion_mnist.py:quick --workdir runs/fmnist_quick
+
+Set TFDS_DATA_DIR (or --config.data.data_dir) to a folder holding the
+prepared `fashion_mnist` (array_record) to run offline.
+"""
+
+from configs import default
+
+
+def get_config(variant: str = "full"):
+  c = default.get_config()
+  c.data.name = "fashion_mnist"
+  c.model.architecture = "4C3F"
+  c.bound.power_iterations = 10
+  c.loss.t, c.loss.lam, c.loss.r0 = 5.0, 30.0, 2.2
+  c.loss.robust_start_epoch = 10
+  c.optimizer.decay_start_epoch = 25
+  c.batch_size, c.num_epochs = 512, 100
+  c.eval.eps = (0.1, 0.25, 0.5, 1.0)
+  if variant == "quick":
+    c.model.architecture = "2C2F"
+    c.batch_size, c.num_epochs = 256, 3
+    c.bound.power_iterations = 5
+    c.loss.robust_start_epoch = 1
+    c.optimizer.decay_start_epoch = 2
+    c.optimizer.end_learning_rate = 1e-4
+    c.eval.every_epochs = 1
+    c.eval.power_iterations = 20
+    c.log_every_steps = 20
+    c.checkpoint.every_steps = 100
+  elif variant != "full":
+    raise ValueError(f"Unknown variant {variant!r}; use 'quick' or none.")
+  return c

@@ -1,0 +1,487 @@
+"""Datasets as in-memory uint8 arrays, deterministic batching, augmentation.
+
+Datasets are TFDS datasets prepared in array_record format and read with
+``tfds.data_source`` (random access, no TensorFlow). Each split is decoded once
+into ``uint8 [N, H, W, C]`` images and ``int32 [N]`` labels; MNIST, CIFAR and
+Tiny-ImageNet all fit in memory. The reference's ``random_split(0.9)`` of the
+official training set gives the train/validation pair (SPEC §6.1).
+
+Batches are pure functions of ``(seed, epoch, step)``: a run resumed at step
+``k`` sees exactly the batches an uninterrupted run would, and each process
+takes its contiguous slice of the global batch. Augmentation (SPEC §6.2) runs
+in JAX on the device with an explicit key.
+
+Preparing a dataset needs TensorFlow (``pip install -e '.[prepare]'``)::
+
+  python -m lipjax.data prepare cifar10 --data_dir ~/tensorflow_datasets
+  python -m lipjax.data prepare tiny_imagenet --data_dir D --manual_dir M
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import sys
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+# Registers the "tiny_imagenet" TFDS builder. It lives in its own module so
+# that `python -m lipjax.data` does not register it twice (as __main__ too).
+from lipjax import tiny_imagenet
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a dataset; ``None`` where it is chosen per run."""
+  name: str
+  image_shape: tuple[int, int, int] | None  # (H, W, C)
+  num_classes: int | None
+  tfds_name: str | None
+  train_split: str | None
+  test_split: str | None
+
+
+DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
+    DatasetInfo("mnist", (28, 28, 1), 10, "mnist", "train", "test"),
+    DatasetInfo("fashion_mnist", (28, 28, 1), 10, "fashion_mnist", "train",
+                "test"),
+    DatasetInfo("cifar10", (32, 32, 3), 10, "cifar10", "train", "test"),
+    DatasetInfo("cifar100", (32, 32, 3), 100, "cifar100", "train", "test"),
+    # The official test images are unlabelled: test on the 10k labelled
+    # validation images (SPEC §7.14).
+    DatasetInfo("tiny_imagenet", tiny_imagenet.IMAGE_SHAPE,
+                tiny_imagenet.NUM_CLASSES, "tiny_imagenet", "train",
+                "validation"),
+    DatasetInfo("synthetic", None, None, None, None, None),
+)}
+
+# Per-pixel noise of synthetic examples around their class prototype (pixels
+# are 0..255): small enough that a tiny net learns the classes in a few steps.
+_SYNTHETIC_NOISE_STD = 40.0
+_DECODE_CHUNK = 1024
+_PROGRESS_ABOVE = 10_000
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset is not prepared in the data_dir and may not be downloaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """One split in memory."""
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N], in [0, num_classes)
+  num_classes: int
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """Looks up a dataset; ValueError naming the known ones if unknown."""
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; known: {sorted(DATASETS)}.")
+  return DATASETS[name]
+
+
+def data_dir_or_default(data_dir: str | None) -> str:
+  """The given data_dir, else ``$TFDS_DATA_DIR``, else TFDS's default."""
+  if data_dir:
+    return os.fspath(os.path.expanduser(data_dir))
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      "~/tensorflow_datasets")
+
+
+def _tfds_info(name: str) -> DatasetInfo:
+  info = dataset_info(name)
+  if info.tfds_name is None:
+    raise ValueError(f"Dataset {name!r} is generated, not stored: use "
+                     f"load({name!r}, synthetic=...).")
+  return info
+
+
+def _is_prepared(data_dir: str, tfds_name: str) -> bool:
+  root = epath.Path(data_dir, tfds_name)  # <version>/ or <config>/<version>/
+  return any(any(root.glob(p)) for p in ("*/dataset_info.json",
+                                          "*/*/dataset_info.json"))
+
+
+def _not_found_message(name: str, split: str, data_dir: str) -> str:
+  manual = ""
+  if name == "tiny_imagenet":
+    manual = (f" --manual_dir M, where the folder M holds the official "
+              f"{tiny_imagenet.ZIP_NAME} ({tiny_imagenet.HOMEPAGE})")
+  return (
+      f"Dataset {name!r} (split {split!r}) is not prepared in array_record "
+      f"format under data_dir={data_dir!r}. Either point to a data_dir that "
+      f"holds it (set TFDS_DATA_DIR or config.data.data_dir), or prepare it "
+      f"there (needs TensorFlow): pip install -e '.[prepare]' && python -m "
+      f"lipjax.data prepare {name} --data_dir {data_dir}{manual}.")
+
+
+def _decode(source, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes every record of a TFDS data source into numpy arrays."""
+  num = len(source)
+  shape = DATASETS[name].image_shape
+  images = np.empty((num, *shape), np.uint8)
+  labels = np.empty((num,), np.int32)
+  show = num > _PROGRESS_ABOVE
+  for start in range(0, num, _DECODE_CHUNK):
+    keys = list(range(start, min(start + _DECODE_CHUNK, num)))
+    try:
+      records = source.__getitems__(keys)  # Batched reads: far faster.
+    except (AttributeError, TypeError):
+      # tfds.testing.mock_data (4.9.10) installs a __getitems__ that fails
+      # with a TypeError; plain indexing works everywhere.
+      records = [source[k] for k in keys]
+    for i, record in zip(keys, records):
+      image = np.asarray(record["image"])
+      if image.shape != shape:
+        raise ValueError(f"{name} {split}[{i}]: image shape {image.shape}, "
+                         f"expected {shape}.")
+      images[i] = image
+      labels[i] = record["label"]
+    done = keys[-1] + 1
+    if show and (done == num or done * 10 // num > start * 10 // num):
+      print(f"\rlipjax.data: decoding {name} {split}: {done}/{num}",
+            end="\n" if done == num else "", file=sys.stderr, flush=True)
+  return images, labels
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None,
+               download: bool = False) -> Dataset:
+  """Reads one TFDS split (e.g. ``"test"``, ``"train[:512]"``) into memory.
+
+  Args:
+    name: a key of :data:`DATASETS` (not ``"synthetic"``).
+    split: a TFDS split string; slicing syntax works.
+    data_dir: TFDS data_dir; see :func:`data_dir_or_default`.
+    download: prepare the dataset (needs TensorFlow) if it is missing.
+
+  Returns:
+    The split as a :class:`Dataset`.
+
+  Raises:
+    DatasetNotFoundError: the dataset is missing and ``download`` is False;
+      the message says how to prepare it.
+    ValueError: unknown name, or records that do not match the dataset.
+  """
+  info = _tfds_info(name)
+  data_dir = data_dir_or_default(data_dir)
+  try:
+    # download=False always: preparing is our decision (and needs TF).
+    source = tfds.data_source(info.tfds_name, split=split, data_dir=data_dir,
+                              download=False)
+  except Exception as e:  # TFDS raises several types for a missing dataset.
+    if _is_prepared(data_dir, info.tfds_name):
+      raise
+    if not download:
+      raise DatasetNotFoundError(_not_found_message(name, split,
+                                                    data_dir)) from e
+    prepare(name, data_dir)
+    return load_split(name, split, data_dir=data_dir, download=False)
+  images, labels = _decode(source, name, split)
+  if len(labels) and not 0 <= labels.min() <= labels.max() < info.num_classes:
+    raise ValueError(f"{name} {split}: labels outside [0, {info.num_classes}).")
+  return Dataset(images, labels, info.num_classes, name)
+
+
+def prepare(name: str, data_dir: str, *, manual_dir: str | None = None
+            ) -> None:
+  """Downloads (or reads from manual_dir) and prepares a TFDS dataset.
+
+  Writes array_record files, the format :func:`load_split` reads.
+
+  Raises:
+    ImportError: TensorFlow, which TFDS needs to prepare, is not installed.
+    ValueError: unknown dataset, or tiny_imagenet without manual_dir.
+  """
+  info = _tfds_info(name)
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError("Preparing a TFDS dataset needs TensorFlow: pip "
+                      "install -e '.[prepare]'") from e
+  if name == "tiny_imagenet" and manual_dir is None:
+    raise ValueError(tiny_imagenet.TinyImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir_or_default(data_dir),
+                         file_format="array_record")
+  config = None
+  if manual_dir is not None:
+    config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir))
+  builder.download_and_prepare(download_config=config)
+
+
+def _subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
+  return dataclasses.replace(dataset, images=dataset.images[indices],
+                             labels=dataset.labels[indices])
+
+
+def _split_train(train: Dataset, validation_fraction: float, split_seed: int
+                 ) -> tuple[Dataset, Dataset]:
+  """The reference's random_split of the training set (SPEC §6.1)."""
+  num = len(train)
+  # Floor, as torch.utils.data.random_split rounds the validation part down.
+  num_val = math.floor(num * validation_fraction + 1e-9)
+  perm = np.random.default_rng(split_seed).permutation(num)
+  return (_subset(train, np.sort(perm[num_val:])),
+          _subset(train, np.sort(perm[:num_val])))
+
+
+def load(name: str, *, data_dir: str | None = None, download: bool = False,
+         validation_fraction: float = 0.1, split_seed: int = 0,
+         synthetic: dict | None = None, max_train_examples: int | None = None,
+         max_test_examples: int | None = None) -> dict[str, Dataset]:
+  """Loads ``{"train", "validation", "test"}`` for a dataset.
+
+  Train and validation are a deterministic split (seeded by ``split_seed``)
+  of the official training set; validation_fraction=0 gives an empty
+  validation set. For ``name="synthetic"``, ``synthetic`` holds
+  ``num_train, num_test, image_shape, num_classes, seed``.
+  ``max_train_examples`` / ``max_test_examples`` keep only the first N
+  examples of the official splits (quick runs and tests; only those are
+  decoded).
+  """
+  dataset_info(name)
+  if not 0 <= validation_fraction < 1:  # Checked before a long decode.
+    raise ValueError(f"validation_fraction must be in [0, 1), got "
+                     f"{validation_fraction}.")
+  if name == "synthetic":
+    if synthetic is None:
+      raise ValueError("name='synthetic' needs synthetic=dict(num_train, "
+                       "num_test, image_shape, num_classes, seed).")
+    s = dict(synthetic)
+    # One draw for train and test so that both share the class prototypes.
+    full = synthetic_dataset(num_examples=s["num_train"] + s["num_test"],
+                             image_shape=s["image_shape"],
+                             num_classes=s["num_classes"], seed=s["seed"])
+    train, test = (_subset(full, np.arange(s["num_train"])),
+                   _subset(full, np.arange(s["num_train"], len(full))))
+  else:
+    info = _tfds_info(name)
+    train, test = (load_split(name, _head(split, limit), data_dir=data_dir,
+                              download=download)
+                   for split, limit in ((info.train_split, max_train_examples),
+                                        (info.test_split, max_test_examples)))
+  # Also truncates synthetic data and mocks that ignore split slicing.
+  if max_train_examples is not None:
+    train = _subset(train, np.arange(min(max_train_examples, len(train))))
+  if max_test_examples is not None:
+    test = _subset(test, np.arange(min(max_test_examples, len(test))))
+  train, validation = _split_train(train, validation_fraction, split_seed)
+  return {"train": train, "validation": validation, "test": test}
+
+
+def _head(split: str, limit: int | None) -> str:
+  return split if limit is None else f"{split}[:{int(limit)}]"
+
+
+def synthetic_dataset(*, num_examples: int, image_shape, num_classes: int,
+                      seed: int) -> Dataset:
+  """A learnable synthetic dataset: class prototype plus noise.
+
+  Each class has a fixed uniform-random prototype image (from ``seed``);
+  an example is its class's prototype plus Gaussian noise, clipped to
+  ``[0, 255]``. Labels are balanced and shuffled. Deterministic in ``seed``.
+  """
+  shape = tuple(int(d) for d in image_shape)
+  if len(shape) != 3 or num_classes < 2 or num_examples < 0:
+    raise ValueError(f"Need image_shape (H, W, C), num_classes >= 2 and "
+                     f"num_examples >= 0; got {shape}, {num_classes}, "
+                     f"{num_examples}.")
+  # Separate streams: prototypes do not depend on num_examples.
+  prototypes = np.random.default_rng([seed, 0]).uniform(
+      0, 255, (num_classes, *shape))
+  rng = np.random.default_rng([seed, 1])
+  labels = rng.permutation(np.arange(num_examples) % num_classes)
+  noise = rng.normal(0, _SYNTHETIC_NOISE_STD, (num_examples, *shape))
+  images = np.clip(np.rint(prototypes[labels] + noise), 0, 255)
+  return Dataset(images.astype(np.uint8), labels.astype(np.int32),
+                 int(num_classes), "synthetic")
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  # Cached: every step of an epoch slices the same permutation.
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  perm = perm.astype(np.int64)
+  perm.flags.writeable = False
+  return perm
+
+
+def epoch_permutation(num_examples: int, *, seed: int, epoch: int
+                      ) -> np.ndarray:
+  """The example order of an epoch: int64 [N], a function of (seed, epoch)."""
+  return np.array(_permutation(num_examples, seed, epoch))
+
+
+def num_steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global batches per epoch (the remainder is dropped)."""
+  if global_batch_size < 1:
+    raise ValueError(f"global_batch_size must be positive, got "
+                     f"{global_batch_size}.")
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise ValueError(f"The global batch size {global_batch_size} is larger "
+                     f"than the dataset ({num_examples} examples).")
+  return steps
+
+
+def _local_size(global_batch_size: int, process_index: int,
+                process_count: int) -> int:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, {process_count}).")
+  if global_batch_size % process_count:
+    raise ValueError(f"The global batch size {global_batch_size} is not "
+                     f"divisible by process_count={process_count}.")
+  return global_batch_size // process_count
+
+
+def batch_indices(num_examples: int, *, global_batch_size: int, seed: int,
+                  epoch: int, step: int, process_index: int = 0,
+                  process_count: int = 1) -> np.ndarray:
+  """This process's example indices for global batch ``step`` of ``epoch``.
+
+  Returns:
+    int64 [global_batch_size // process_count]: a contiguous slice of the
+    global batch, which is itself a contiguous slice of the epoch's
+    permutation; so no example repeats within an epoch.
+  """
+  local = _local_size(global_batch_size, process_index, process_count)
+  steps = num_steps_per_epoch(num_examples, global_batch_size)
+  if not 0 <= step < steps:
+    raise ValueError(f"step {step} is not in [0, {steps}).")
+  start = step * global_batch_size + process_index * local
+  return np.array(_permutation(num_examples, seed, epoch)[start:start + local])
+
+
+def get_batch(dataset: Dataset, indices) -> dict[str, np.ndarray]:
+  """``{"image": uint8 [B, H, W, C], "label": int32 [B]}`` at indices."""
+  return {"image": dataset.images[indices], "label": dataset.labels[indices]}
+
+
+def iterate_batches(dataset: Dataset, *, global_batch_size: int, seed: int,
+                    epoch: int, start_step: int = 0, process_index: int = 0,
+                    process_count: int = 1
+                    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """Yields ``(step, batch)`` for steps ``start_step .. steps_per_epoch-1``."""
+  steps = num_steps_per_epoch(len(dataset), global_batch_size)
+  for step in range(start_step, steps):
+    yield step, get_batch(dataset, batch_indices(
+        len(dataset), global_batch_size=global_batch_size, seed=seed,
+        epoch=epoch, step=step, process_index=process_index,
+        process_count=process_count))
+
+
+def eval_batches(dataset: Dataset, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """In-order batches that cover every example exactly once.
+
+  ``batch_size`` is global: global batch ``b`` holds examples
+  ``[b * batch_size, (b + 1) * batch_size)`` and each process yields its
+  contiguous slice, so every process yields the same number of batches (as
+  SPMD requires). Slots past the end are zero images with ``mask`` False.
+
+  Yields:
+    ``{"image": uint8 [B, H, W, C], "label": int32 [B], "mask": bool [B]}``
+    with ``B = batch_size // process_count``.
+  """
+  local = _local_size(batch_size, process_index, process_count)
+  num = len(dataset)
+  for start in range(0, num, batch_size):
+    idx = start + process_index * local + np.arange(local)
+    mask = idx < num
+    safe = np.where(mask, idx, 0)
+    yield {"image": np.where(mask[:, None, None, None],
+                             dataset.images[safe], 0).astype(np.uint8),
+           "label": np.where(mask, dataset.labels[safe], 0).astype(np.int32),
+           "mask": mask}
+
+
+def to_float(images_uint8) -> jax.Array:
+  """uint8 pixels to float32 in [0, 1]."""
+  return jnp.asarray(images_uint8, jnp.float32) / 255.0
+
+
+def augment(key, images: jax.Array, *, hflip: bool, rotation_degrees: float,
+            translate: float) -> jax.Array:
+  """Random flip and affine transform, one draw per example (SPEC §6.2).
+
+  As torchvision's ``RandomHorizontalFlip()`` then ``RandomAffine(degrees,
+  translate=(t, t))`` with nearest sampling and fill 0: the angle is uniform
+  in ``[-deg, deg]`` (positive is counter-clockwise) about the image centre,
+  and the shift is uniform in ``[-t*W, t*W] x [-t*H, t*H]`` pixels, rounded
+  to whole pixels as torchvision does.
+
+  Args:
+    key: a ``jax.random.key``.
+    images: float32 [B, H, W, C].
+    hflip, rotation_degrees, translate: static; all off is the identity.
+
+  Returns:
+    float32 [B, H, W, C]; outside the source image is 0.
+  """
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got {images.shape}.")
+  if rotation_degrees < 0 or not 0 <= translate <= 1:
+    raise ValueError(f"Need rotation_degrees >= 0 and translate in [0, 1], "
+                     f"got {rotation_degrees} and {translate}.")
+  if not hflip and rotation_degrees == 0 and translate == 0:
+    return jnp.asarray(images)
+  b, h, w, c = images.shape
+  k_flip, k_angle, k_shift = jax.random.split(key, 3)
+  flip = jax.random.bernoulli(k_flip, 0.5, (b,)) & hflip
+  angle = jnp.deg2rad(jax.random.uniform(
+      k_angle, (b,), minval=-rotation_degrees, maxval=rotation_degrees))
+  max_shift = jnp.array([translate * w, translate * h])
+  shift = jnp.round(jax.random.uniform(k_shift, (b, 2), minval=-1,
+                                       maxval=1) * max_shift)
+  # Inverse map: for each output pixel, the source pixel it samples, with
+  # coordinates relative to the centre ((W-1)/2, (H-1)/2) of pixel centres.
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  ys, xs = jnp.meshgrid(jnp.arange(h) - cy, jnp.arange(w) - cx, indexing="ij")
+  xs = xs[None] - shift[:, 0, None, None]
+  ys = ys[None] - shift[:, 1, None, None]
+  cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
+  # Rows point down, so a counter-clockwise turn has this inverse.
+  src_x = jnp.round(cos * xs - sin * ys + cx).astype(jnp.int32)
+  src_y = jnp.round(sin * xs + cos * ys + cy).astype(jnp.int32)
+  # The flip comes first in the forward pipeline, so last in the inverse.
+  src_x = jnp.where(flip[:, None, None], w - 1 - src_x, src_x)
+  inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+  flat = jnp.clip(src_y, 0, h - 1) * w + jnp.clip(src_x, 0, w - 1)
+  out = jnp.take_along_axis(images.reshape(b, h * w, c),
+                            flat.reshape(b, h * w, 1), axis=1)
+  return jnp.where(inside.reshape(b, h * w, 1), out, 0).reshape(b, h, w, c)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m lipjax.data")
+  commands = parser.add_subparsers(dest="command", required=True)
+  prep = commands.add_parser("prepare", help="Prepare a TFDS dataset in "
+                             "array_record format (needs TensorFlow).")
+  prep.add_argument("name", choices=[k for k, i in DATASETS.items()
+                                     if i.tfds_name])
+  prep.add_argument("--data_dir", help="TFDS data_dir (default: "
+                    "$TFDS_DATA_DIR, else ~/tensorflow_datasets).")
+  prep.add_argument("--manual_dir", help="Folder of manually downloaded "
+                    f"files (tiny_imagenet: {tiny_imagenet.ZIP_NAME}).")
+  args = parser.parse_args(argv)
+  data_dir = data_dir_or_default(args.data_dir)
+  prepare(args.name, data_dir, manual_dir=args.manual_dir)
+  print(f"Prepared {args.name} in {data_dir}.")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,66 @@
+"""Process-0 JSONL metrics and progress bars.
+
+Every process computes the same metrics; only process 0 writes them, one
+JSON object per line in ``workdir/metrics.jsonl`` (step metrics with
+``"kind": "train"``, epoch summaries with ``"kind": "epoch"``, validation with
+``"kind": "eval"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  if value.ndim == 0:
+    value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+      return str(value)  # JSON has no NaN/inf; keep them readable.
+    return value
+  return value.tolist()
+
+
+class MetricWriter:
+  """Appends metric records to ``metrics.jsonl`` (process 0 only)."""
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a", encoding="utf-8") if self.enabled else None
+
+  def write(self, kind: str, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def progress_bar(*, total: int, initial: int, description: str,
+                 enabled: bool = True):
+  """A tqdm bar on stderr, only on process 0 and only when enabled."""
+  return tqdm.tqdm(total=total, initial=initial, desc=description,
+                   disable=not (enabled and jax.process_index() == 0),
+                   file=sys.stderr, dynamic_ncols=True, leave=True,
+                   mininterval=0.5)
+
+
+def log(message: str) -> None:
+  """A line on stderr from process 0 (tqdm-safe)."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
