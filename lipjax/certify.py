@@ -177,19 +177,37 @@ def certified_accuracy(logits: jax.typing.ArrayLike,
     A scalar, or ``[E]`` for ``[E]`` radii: certified / ``mask.sum()`` (0 if
     the mask is empty).
   """
+  eps = jnp.asarray(eps)
+  certified = is_certified(logits, labels, lipschitz, eps.reshape(-1))
+  return _masked_mean(certified, mask).reshape(eps.shape)
+
+
+def is_certified(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+                 lipschitz: jax.typing.ArrayLike,
+                 eps: jax.typing.ArrayLike) -> jax.Array:
+  """Per-example certificates: ``z_y > z_i + eps L_yi`` for all ``i != y``.
+
+  Args:
+    logits: ``[batch, K]``.
+    labels: ``[batch]`` integer true labels.
+    lipschitz: scalar global, ``[K]`` per-class or ``[K, K]`` pairwise bound.
+    eps: ``[E]`` radii.
+
+  Returns:
+    ``[E, batch]`` bool (see :func:`certified_accuracy` for the semantics).
+  """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
   check_logits(logits, labels)
   num_classes = logits.shape[1]
   eps = jnp.asarray(eps)
-  if eps.ndim > 1:
-    raise ValueError(f"eps must be a scalar or [E]; got shape {eps.shape}.")
+  if eps.ndim != 1:
+    raise ValueError(f"eps must be [E] here; got shape {eps.shape}.")
   pair = pairwise_lipschitz(lipschitz, num_classes)[labels]  # [B, K]
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   is_self = jnp.arange(num_classes)[None, :] == labels[:, None]
   slack = (z_y - logits)[None] - eps.reshape(-1, 1, 1) * pair[None]
-  certified = jnp.all(is_self[None] | (slack > 0), axis=-1)  # [E, B]
-  return _masked_mean(certified, mask).reshape(eps.shape)
+  return jnp.all(is_self[None] | (slack > 0), axis=-1)
 
 
 def clean_accuracy(logits: jax.typing.ArrayLike,

@@ -115,6 +115,13 @@ def _is_prepared(data_dir: str, tfds_name: str) -> bool:
                                           "*/*/dataset_info.json"))
 
 
+def is_prepared(name: str, data_dir: str | None = None) -> bool:
+  """Whether ``name`` is prepared in ``data_dir`` (default as in load)."""
+  if name == "synthetic":
+    return True
+  return _is_prepared(data_dir_or_default(data_dir), _tfds_info(name).tfds_name)
+
+
 def _not_found_message(name: str, split: str, data_dir: str) -> str:
   manual = ""
   if name == "tiny_imagenet":

@@ -138,7 +138,8 @@ def crm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   if form == "softmax":
     per_example = jax.nn.logsumexp(scores, axis=1)
   else:
-    # exp(-t min_i R_i) = exp(max_i -t R_i): no inf inside the max.
+    # exp(-t min_i R_i) = exp(max_i -t R_i): the max skips the -inf slots and
+    # its gradient reaches only the (finite) maximizer.
     per_example = jnp.exp(jnp.max(scores, axis=1))
   robust = jnp.sum(jnp.where(active, per_example, 0.0)) / (t * batch)
 

@@ -255,9 +255,9 @@ def make_eval_step(config, graphdef) -> Callable:
     count = jnp.sum(mask)
     correct = (jnp.argmax(logits, -1) == labels) & mask
     radius = certify.certified_radius(logits, labels, lip)
-    certified = (radius[:, None] > eps[None, :]) & mask[:, None]
+    certified = certify.is_certified(logits, labels, lip, eps) & mask[None]
     return {"count": count, "correct": jnp.sum(correct),
-            "certified": jnp.sum(certified, axis=0),
+            "certified": jnp.sum(certified, axis=1),
             "radius_sum": jnp.sum(jnp.where(correct, radius, 0.0))}
 
   return eval_step
