@@ -4,16 +4,21 @@ The public API is flat::
 
   import lipjax
   L = lipjax.bound([W0, W1, W2], method="liplt", kind="pairwise")
+  radii = lipjax.certified_radius(logits, labels, L)
 
-See README.md for more.
+Training (``lipjax.training``, ``lipjax.data``) is imported on demand, so
+``import lipjax`` stays light. See README.md for more.
 """
 
 from lipjax import activations
 from lipjax import bounds
+from lipjax import certify
 from lipjax import exact
 from lipjax import linear_maps
 from lipjax import models
+from lipjax import losses
 from lipjax import power_iteration
+from lipjax import schedules
 from lipjax.activations import ACTIVATIONS
 from lipjax.api import BoundInfo
 from lipjax.api import CONVERGED_SAFETY_FACTOR
@@ -24,6 +29,10 @@ from lipjax.bounds import bound_from_norms
 from lipjax.bounds import liplt_bound
 from lipjax.bounds import naive_bound
 from lipjax.bounds import required_products
+from lipjax.certify import certified_accuracy
+from lipjax.certify import certified_radius
+from lipjax.certify import clean_accuracy
+from lipjax.certify import is_certified
 from lipjax.linear_maps import LinearChain
 from lipjax.linear_maps import LinearOp
 from lipjax.linear_maps import from_matrices
@@ -47,15 +56,22 @@ __all__ = (
     "bound",
     "bound_from_norms",
     "bounds",
+    "certified_accuracy",
+    "certified_radius",
+    "certify",
+    "clean_accuracy",
     "exact",
     "from_matrices",
     "from_model",
     "init_power_state",
+    "is_certified",
     "linear_maps",
     "liplt_bound",
+    "losses",
     "models",
     "naive_bound",
     "power_iteration",
     "required_products",
+    "schedules",
     "to_chain",
 )

@@ -1,0 +1,1 @@
+"""Benchmarks for lipjax: ``python -m benchmarks.run [--quick]``."""

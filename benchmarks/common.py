@@ -1,0 +1,142 @@
+"""Timing, machine information and model builders shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import lipjax
+
+# Architecture -> (input shape, number of classes), as in the reference.
+ARCHS = {
+    "4C3F": ((28, 28, 1), 10),
+    "6C2F": ((32, 32, 3), 10),
+    "8C2F": ((64, 64, 3), 200),
+}
+
+
+def block(tree):
+  return jax.tree_util.tree_map(
+      lambda x: x.block_until_ready() if hasattr(x, "block_until_ready")
+      else x, tree)
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
+            min_total_s: float = 0.0) -> dict:
+  """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times.
+
+  Each call's outputs are blocked on. Returns median/min/max seconds and the
+  individual times. ``min_total_s`` adds repetitions (up to 50) until that
+  much time was spent, to steady very short calls.
+  """
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  while len(times) < repeats or (sum(times) < min_total_s and len(times) < 50):
+    start = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "max_s": max(times), "repeats": len(times)}
+
+
+def compile_info(jitted, *args) -> dict:
+  """FLOPs (XLA cost analysis), memory sizes and compile time of a jit."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  out = {"compile_s": time.perf_counter() - start}
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    out["flops"] = float(cost.get("flops", float("nan")))
+  except Exception:  # pylint: disable=broad-except
+    out["flops"] = float("nan")
+  try:
+    mem = compiled.memory_analysis()
+    out["temp_bytes"] = int(mem.temp_size_in_bytes)
+    out["arg_bytes"] = int(mem.argument_size_in_bytes)
+    out["out_bytes"] = int(mem.output_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_average() -> float:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return float("nan")
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+  return {
+      "cpu": cpu_model(), "cores": os.cpu_count(),
+      "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
+                         * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+      "platform": platform.platform(), "python": platform.python_version(),
+      "jax": jax.__version__, "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_1min": load_average(),
+  }
+
+
+def matmul_peak(n: int, repeats: int) -> dict:
+  """GFLOP/s of a jitted ``n x n @ n x n`` float32 matmul (median)."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  a = jax.random.normal(keys[0], (n, n), jnp.float32)
+  b = jax.random.normal(keys[1], (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  t = time_fn(lambda: f(a, b), repeats=repeats)
+  return {**t, "gflops": 2 * n**3 / t["median_s"] / 1e9, "n": n}
+
+
+def build_model(arch, *, seed=0, input_shape=None, num_classes=None):
+  shape, classes = ARCHS.get(arch, (None, None)) if isinstance(arch, str) \
+      else (None, None)
+  shape = input_shape or shape
+  classes = num_classes or classes
+  return lipjax.models.build(arch, num_classes=classes, input_shape=shape,
+                             rngs=nnx.Rngs(seed))
+
+
+def emit(record: dict, sink: list) -> None:
+  """Prints one JSON line and keeps the record."""
+  clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+           for k, v in record.items()}
+  print(json.dumps(clean), flush=True)
+  sink.append(clean)
+
+
+def random_batch(input_shape, num_classes, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (batch,) + tuple(input_shape),
+                                dtype=np.uint8),
+          "label": rng.integers(0, num_classes, (batch,), dtype=np.int32)}
