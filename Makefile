@@ -19,13 +19,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-## Train a certifiably robust Fashion-MNIST model on CPU and certify it.
+## Train a certifiably robust Fashion-MNIST model on CPU, then certify it.
 ## Offline when TFDS_DATA_DIR holds the prepared dataset; otherwise installs
 ## the `prepare` extra (TensorFlow) and downloads it.
 demo: $(STAMP)
 	@$(PY) -c "import sys; from lipjax import data; sys.exit(not data.is_prepared('fashion_mnist'))" \
 	  || $(PY) -m pip install --quiet -e ".[prepare]"
 	$(PY) train.py --config configs/fashion_mnist.py:quick --workdir $(DEMO_WORKDIR)
+	$(PY) certify.py --workdir $(DEMO_WORKDIR)
 
 ## Bound a freshly initialized reference network: naive vs LipLT.
 bounds-demo: $(STAMP)

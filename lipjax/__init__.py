@@ -11,6 +11,7 @@ Training (``lipjax.training``, ``lipjax.data``) is imported on demand, so
 """
 
 from lipjax import activations
+from lipjax import attacks
 from lipjax import bounds
 from lipjax import certify
 from lipjax import exact
@@ -21,6 +22,8 @@ from lipjax import power_iteration
 from lipjax import schedules
 from lipjax.activations import ACTIVATIONS
 from lipjax.api import BoundInfo
+from lipjax.attacks import pgd_l2
+from lipjax.attacks import project_l2_box
 from lipjax.api import CONVERGED_SAFETY_FACTOR
 from lipjax.api import EXACT_SAFETY_FACTOR
 from lipjax.api import bound
@@ -53,6 +56,7 @@ __all__ = (
     "LinearOp",
     "PowerState",
     "activations",
+    "attacks",
     "bound",
     "bound_from_norms",
     "bounds",
@@ -70,7 +74,9 @@ __all__ = (
     "losses",
     "models",
     "naive_bound",
+    "pgd_l2",
     "power_iteration",
+    "project_l2_box",
     "required_products",
     "schedules",
     "to_chain",

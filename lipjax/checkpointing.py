@@ -29,6 +29,9 @@ class Checkpointer:
     if every_steps < 1 or keep < 1:
       raise ValueError("checkpoint.every_steps and checkpoint.keep must be "
                        f">= 1, got {every_steps} and {keep}.")
+    workdir = str(workdir)
+    if "://" not in workdir:
+      workdir = os.path.abspath(workdir)  # Orbax rejects relative paths.
     self.directory = epath.Path(workdir) / "checkpoints"
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(

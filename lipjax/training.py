@@ -125,6 +125,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_checks.validate(config, _default_config())
   tf_log = metric_writer.log
+  if "://" not in workdir:
+    # Orbax needs absolute paths; users type relative ones.
+    workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _check_resume_compatible(workdir, config)
   parallel.check_global_batch(config.batch_size)

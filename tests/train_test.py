@@ -52,8 +52,9 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_smoke_end_to_end(tmp_path):
-  workdir = str(tmp_path / "run")
+def test_smoke_end_to_end(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"  # relative, as users type it
   result = training.train_and_evaluate(smoke_config(), workdir)
   # 288 examples -> 260 train (90 %) -> 8 steps of 32 per epoch, 2 epochs.
   steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints")

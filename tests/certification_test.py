@@ -1,0 +1,232 @@
+"""Certification: hand-computed radii, the sound bound, the audit, the CLI.
+
+One smoke run (synthetic data, 2C2F, two epochs) is trained per module and
+certified in-process and through ``certify.py``: certified accuracy is at
+most the clean accuracy and non-increasing in ε, the sound bound equals
+``lipjax.bound`` for the same norms, a bound scaled down 10x makes the
+audit fail (so the audit can fail), and the command writes valid JSON and
+PNGs and exits 0.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import lipjax
+from configs import smoke
+from lipjax import certification
+from lipjax import certification_report
+from lipjax import certified_bounds
+from lipjax import certify
+from lipjax import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# SPEC §8.2: a hand-computable 3-layer ReLU chain.
+W0 = np.diag([2.0, 1.0])
+W1 = np.array([[0.0, 1.0], [1.0, 0.0]])
+W2 = np.diag([3.0, 1.0])
+L01_LIPLT = (math.sqrt(13) + 6 * math.sqrt(10)) / 4  # 5.644804
+L01_NAIVE = 2 * math.sqrt(10)                        # 6.324555
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("certify") / "smoke")
+  training.train_and_evaluate(smoke.get_config(), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def report(workdir):
+  return certification.run(workdir, eps=(0.05, 0.1, 0.3, 0.6),
+                           pgd_steps=5, pgd_restarts=1, progress=False)
+
+
+def test_hand_computed_radius():
+  lip = lipjax.bound([W0, W1, W2], method="liplt", kind="pairwise",
+                     exact=True, safety_factor=1.0)
+  np.testing.assert_allclose(lip[0, 1], L01_LIPLT, rtol=1e-6)
+  logits, labels = jnp.array([[2.0, 0.5]]), jnp.array([0])
+  radius = certify.certified_radius(logits, labels, lip)
+  np.testing.assert_allclose(radius, [1.5 / L01_LIPLT], rtol=1e-6)  # 0.265731
+  np.testing.assert_allclose(
+      certify.certified_accuracy(logits, labels, lip, jnp.array([0.26, 0.27])),
+      [1.0, 0.0])
+  # The other label: the margin is negative, so is the radius.
+  assert certify.certified_radius(logits, jnp.array([1]), lip)[0] < 0
+
+
+def test_sound_bound_hand_computed():
+  bounds, report = certified_bounds.sound_bound(
+      [W0, W1, W2], method="liplt", kind="pairwise", state=None, exact=True)
+  # Sound: never below the true value; tight: LipLT multiplies up to three
+  # norms, each by the safety factor, and rounds up to float32.
+  factor = lipjax.EXACT_SAFETY_FACTOR**3
+  assert L01_LIPLT <= bounds["liplt"][0, 1] <= L01_LIPLT * factor * (1 + 1e-6)
+  assert L01_NAIVE <= bounds["naive"][0, 1] <= L01_NAIVE * factor * (1 + 1e-6)
+  assert report["mode"] == "exact"
+  norms = {tuple(p["product"]): p["norm"] for p in report["products"]}
+  np.testing.assert_allclose([norms[(0, 0)], norms[(0, 1)], norms[(1, 1)]],
+                             [2.0, 2.0, 1.0], rtol=1e-12)
+
+
+def test_sound_bound_equals_lipjax_bound(workdir):
+  restored = certification.restore(workdir)
+  model, power = restored.model, restored.power
+  key = jax.random.key(3)
+  for exact in (True, False):
+    bounds, report = certified_bounds.sound_bound(
+        model, method="liplt", kind="pairwise", state=power, exact=exact,
+        key=key)
+    expected = lipjax.bound(model, method="liplt", kind="pairwise",
+                            state=power, exact=exact, key=key)
+    np.testing.assert_array_equal(bounds["bound"], np.asarray(expected))
+    sources = {p["source"] for p in report["products"]}
+    assert sources == {"exact" if exact else "converged"}
+  converged = [p for p in report["products"] if p["source"] == "converged"]
+  assert all(p["residual"] < 1e-2 and p["safety_factor"] == 1.01
+             for p in converged)
+  # LipLT is never looser than naive with exact norms (SPEC §3.4).
+  bounds, _ = certified_bounds.sound_bound(model, method="liplt",
+                                        kind="pairwise", state=power,
+                                        exact=True)
+  off = ~np.eye(bounds["liplt"].shape[0], dtype=bool)
+  assert np.all(bounds["liplt"][off] <= bounds["naive"][off] * (1 + 1e-6))
+
+
+def test_exact_fails_clearly_and_auto_mixes():
+  rng = np.random.default_rng(0)
+  # Gram sides: (0, 0) and (0, 1) -> 2, (1, 1) -> 3.
+  chain = [rng.normal(size=(8, 2)), rng.normal(size=(3, 8)),
+           rng.normal(size=(2, 3))]
+  limit = 8 * 2**2
+  with pytest.raises(MemoryError,
+                     match=r"--exact: .* W_1\.\.\.W_1 \(3x3, 72 bytes\)"):
+    certified_bounds.sound_bound(chain, method="liplt", kind="pairwise",
+                              state=None, exact=True, max_exact_bytes=limit)
+  bounds, report = certified_bounds.sound_bound(
+      chain, method="liplt", kind="pairwise", state=None, exact="auto",
+      max_exact_bytes=limit)
+  assert report["mode"] == "mixed"
+  by_product = {tuple(p["product"]): p for p in report["products"]}
+  assert [by_product[p]["source"] for p in ((0, 0), (0, 1), (1, 1))] == [
+      "exact", "exact", "converged"]
+  converged = by_product[(1, 1)]
+  np.testing.assert_allclose(converged["norm"], np.linalg.norm(chain[1], 2),
+                             rtol=1e-5)
+  assert converged["safety_factor"] == lipjax.CONVERGED_SAFETY_FACTOR
+  assert converged["residual"] < 1e-2
+  exact, _ = certified_bounds.sound_bound(chain, method="liplt",
+                                       kind="pairwise", state=None,
+                                       exact=True)
+  # The converged norm carries the larger factor, so a larger bound.
+  assert bounds["bound"][0, 1] >= exact["bound"][0, 1]
+
+
+def test_report_numbers_are_consistent(report):
+  clean, cert = report["clean_accuracy"], np.array(
+      report["certified_accuracy"])
+  pgd = np.array(report["pgd_accuracy"])
+  assert report["eps_pixel"] == sorted(report["eps_pixel"])
+  assert np.all(cert <= clean) and np.all(np.diff(cert) <= 0)
+  assert np.all(cert <= pgd) and np.all(pgd <= clean)
+  assert np.all(np.diff(pgd) <= 0)
+  assert len(report["per_class"]) == report["num_classes"] == 4
+  counts = [c["count"] for c in report["per_class"]]
+  assert sum(counts) == report["num_examples"] == 64
+  weighted = sum(c["count"] * np.array(c["certified_accuracy"])
+                 for c in report["per_class"]) / sum(counts)
+  np.testing.assert_allclose(weighted, cert, atol=1e-12)
+  # The curve agrees with the ε points (radius > ε <=> certified here).
+  assert report["audit"]["violations"] == 0 and report["audit"]["passed"]
+  assert report["audit"]["attacked"] == round(
+      report["radius"]["fraction_positive"] * 64)
+  assert report["bound"]["mode"] == "exact"
+  json.dumps(report, allow_nan=False)  # Every number is JSON.
+
+
+def test_audit_fails_when_the_bound_is_scaled_down(workdir):
+  report = certification.run(workdir, pgd_steps=5, pgd_restarts=1,
+                             bound_scale=0.1, progress=False)
+  assert report["audit"]["violations"] > 0
+  assert not report["audit"]["passed"]
+  assert certification.exit_code(report) == 1
+  banner = certification_report.violation_banner(report)
+  assert "SOUNDNESS VIOLATION" in banner and "scaled by 0.1" in banner
+
+
+def test_missing_paths_are_named_and_nothing_is_written(tmp_path):
+  missing = tmp_path / "nope"
+  with pytest.raises(FileNotFoundError, match=str(missing)):
+    certification.restore(str(missing))
+  assert not missing.exists()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    certification.restore(str(empty))
+  (empty / "config.json").write_text(smoke.get_config().to_json_best_effort())
+  with pytest.raises(FileNotFoundError, match="checkpoints"):
+    certification.restore(str(empty))
+  assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
+
+
+def test_units_and_default_eps():
+  config = ml_collections.ConfigDict({
+      "data": {"name": "cifar10"}, "eval": {"eps": [0.0705, 36 / 255]},
+      "model": {"input_std": [0.5, 0.5, 0.5]}})
+  assert certification.pixels_per_normalized_unit(config) == 0.5
+  np.testing.assert_allclose(certification.default_eps(config),
+                             [0.0705, 36 / 255])
+  config.model.input_std = [0.5, 0.25, 0.5]
+  with pytest.raises(ValueError, match="one input std"):
+    certification.pixels_per_normalized_unit(config)
+  config.model.input_std = None
+  assert certification.pixels_per_normalized_unit(config) == 1.0
+  config.data.name, config.eval.eps = "fashion_mnist", [0.1, 0.3]
+  assert certification.default_eps(config) == (0.1, 0.25, 0.3, 0.5, 1.0)
+
+
+def test_certify_py_end_to_end(workdir):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  result = subprocess.run(
+      [sys.executable, "certify.py", f"--workdir={workdir}",
+       "--eps=0.05,0.3,0.6", "--pgd_steps=5", "--pgd_restarts=1",
+       "--progress=false"], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "certified" in result.stdout and "audit:" in result.stdout
+  paths = certification_report.output_paths(workdir, "test")
+  with open(paths["json"], encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["format"] == certification_report.FORMAT
+  for key in ("clean_accuracy", "certified_accuracy", "pgd_accuracy",
+              "radius", "per_class", "bound", "audit", "timings_seconds",
+              "versions", "units", "eps_pixel"):
+    assert key in saved
+  assert saved["eps_pixel"] == pytest.approx([0.05, 0.3, 0.6])
+  cert = np.array(saved["certified_accuracy"])
+  assert np.all(cert <= saved["clean_accuracy"]) and np.all(
+      np.diff(cert) <= 0)
+  assert len(saved["per_class"]) == 4
+  assert saved["audit"]["violations"] == 0
+  for name in ("accuracy_png", "radii_png"):
+    with open(paths[name], "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(paths["accuracy_png"]) as image:
+    assert image.size[0] > 400 and image.size[1] > 300
+  # No temporary files are left behind, and training files are untouched.
+  assert not [p for p in os.listdir(workdir) if ".tmp" in p]
+  assert {"config.json", "metrics.jsonl", "checkpoints"} <= set(
+      os.listdir(workdir))
