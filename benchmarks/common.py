@@ -109,13 +109,18 @@ def machine_info() -> dict:
 
 
 def matmul_peak(n: int, repeats: int) -> dict:
-  """GFLOP/s of a jitted ``n x n @ n x n`` float32 matmul (median)."""
+  """GFLOP/s of a jitted ``n x n @ n x n`` float32 matmul (best and median).
+
+  The best time is the peak: on a shared machine the median mostly measures
+  the other load.
+  """
   keys = jax.random.split(jax.random.key(0), 2)
   a = jax.random.normal(keys[0], (n, n), jnp.float32)
   b = jax.random.normal(keys[1], (n, n), jnp.float32)
   f = jax.jit(jnp.matmul)
   t = time_fn(lambda: f(a, b), repeats=repeats)
-  return {**t, "gflops": 2 * n**3 / t["median_s"] / 1e9, "n": n}
+  return {**t, "gflops": 2 * n**3 / t["min_s"] / 1e9,
+          "gflops_median": 2 * n**3 / t["median_s"] / 1e9, "n": n}
 
 
 def build_model(arch, *, seed=0, input_shape=None, num_classes=None):

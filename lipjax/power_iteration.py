@@ -32,6 +32,12 @@ from lipjax.linear_maps import LinearChain
 
 Product = tuple[int, int]
 
+# iterate() unrolls up to this many steps; converge() runs jitted chunks of
+# CONVERGE_CHUNK unrolled steps from a host loop. Both avoid XLA while loops,
+# whose bodies run the convolutions several times slower on CPU.
+UNROLL_LIMIT = 32
+CONVERGE_CHUNK = 8
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -221,9 +227,15 @@ def iterate(chain: LinearChain, state: PowerState,
   chain = jax.lax.stop_gradient(chain)
   vectors = jax.lax.stop_gradient(state.vectors)
   products = state.products
-  vectors = jax.lax.fori_loop(
-      0, num_iterations,
-      lambda _, vecs: _step(chain, products, vecs)[0], vectors)
+  if num_iterations <= UNROLL_LIMIT:
+    # Unrolled: XLA:CPU runs the convolutions of a while-loop body several
+    # times slower than the same ops at the top level (BENCHMARKS.md).
+    for _ in range(num_iterations):
+      vectors = _step(chain, products, vectors)[0]
+  else:
+    vectors = jax.lax.fori_loop(
+        0, num_iterations,
+        lambda _, vecs: _step(chain, products, vecs)[0], vectors)
   return dataclasses.replace(state, vectors=vectors)
 
 
@@ -277,8 +289,7 @@ class ConvergenceInfo:
   converged: bool
 
 
-def _converge_impl(chain, state, key, rtol, max_iterations, restarts):
-  products = state.products
+def _converge_init(chain, state, key, restarts):
   # Candidates [restarts + 1, ...] per start group; row 0 is the warm start.
   candidates = tuple(
       jnp.concatenate([v[None]] + ([jax.random.normal(
@@ -287,22 +298,37 @@ def _converge_impl(chain, state, key, rtol, max_iterations, restarts):
           key, len(state.vectors))))
   candidates = jax.vmap(lambda vs: tuple(_normalize_rows(v) for v in vs))(
       candidates)
+  sigma0 = jnp.zeros((restarts + 1, len(state.products)),
+                     candidates[0].dtype)
+  return candidates, sigma0, sigma0, jnp.asarray(0)
+
+
+def _converge_chunk(chain, products, carry, rtol, max_iterations, steps):
+  """``steps`` unrolled iterations of the convergence loop.
+
+  Each step runs only while the loop condition holds (a masked update), so
+  the result is exactly that of a ``while_loop`` stopped at the same point.
+  Returns the new carry and whether the loop should go on.
+  """
   step = jax.vmap(lambda vs: _step(chain, products, vs))
-  num = len(products)
-  sigma0 = jnp.zeros((restarts + 1, num), candidates[0].dtype)
 
   def cond(carry):
     _, prev, sigma, it = carry
     change = jnp.abs(sigma - prev) / jnp.where(sigma > 0, sigma, 1.0)
     return (it < max_iterations) & ((it < 2) | (jnp.max(change) > rtol))
 
-  def body(carry):
+  for _ in range(steps):
     vecs, _, sigma, it = carry
+    active = cond(carry)
     new_vecs, new_sigma, _ = step(vecs)
-    return new_vecs, sigma, new_sigma, it + 1
+    new = (new_vecs, sigma, new_sigma, it + 1)
+    carry = jax.tree_util.tree_map(
+        lambda n, o, a=active: jnp.where(a, n, o), new, carry)
+  return carry, cond(carry)
 
-  vecs, _, prev, iterations = jax.lax.while_loop(
-      cond, body, (candidates, sigma0, sigma0, jnp.asarray(0)))
+
+def _converge_finish(chain, products, vecs, prev):
+  step = jax.vmap(lambda vs: _step(chain, products, vs))
   # One more step measures the final vectors' norms and residuals.
   _, sigma, residual = step(vecs)
   change = jnp.abs(sigma - prev) / jnp.where(sigma > 0, sigma, 1.0)
@@ -313,10 +339,28 @@ def _converge_impl(chain, state, key, rtol, max_iterations, restarts):
   for s, v in zip(starts, vecs):
     ids = np.asarray([p for p, (ps, _) in enumerate(products) if ps == s])
     new_vectors.append(v[best[ids], np.arange(len(ids))])
-  return (tuple(new_vectors), sigma, pick(residual), change, iterations)
+  return tuple(new_vectors), sigma, pick(residual), change
 
 
-_converge_jit = jax.jit(_converge_impl, static_argnums=(3, 4, 5))
+_converge_init_jit = jax.jit(_converge_init, static_argnums=(3,))
+_converge_chunk_jit = jax.jit(_converge_chunk, static_argnums=(1, 3, 4, 5))
+_converge_finish_jit = jax.jit(_converge_finish, static_argnums=(1,))
+
+
+def _converge_impl(chain, state, key, rtol, max_iterations, restarts):
+  """The convergence loop, as jitted chunks driven from the host."""
+  products = state.products
+  carry = _converge_init_jit(chain, state, key, restarts)
+  steps = min(CONVERGE_CHUNK, max_iterations)
+  going = True
+  while going:
+    carry, going = _converge_chunk_jit(chain, products, carry, rtol,
+                                       max_iterations, steps)
+    going = bool(going)
+  vecs, _, prev, iterations = carry
+  vectors, sigma, residual, change = _converge_finish_jit(
+      chain, products, vecs, prev)
+  return vectors, sigma, residual, change, iterations
 
 
 def converge(chain: LinearChain, state: PowerState, *, key: jax.Array,
@@ -345,7 +389,7 @@ def converge(chain: LinearChain, state: PowerState, *, key: jax.Array,
   if restarts < 0 or max_iterations < 1 or not rtol > 0:
     raise ValueError("Need restarts >= 0, max_iterations >= 1 and rtol > 0.")
   chain = jax.lax.stop_gradient(chain)
-  vectors, sigma, residual, change, iterations = _converge_jit(
+  vectors, sigma, residual, change, iterations = _converge_impl(
       chain, state, key, float(rtol), int(max_iterations), int(restarts))
   sigma, change = np.asarray(sigma), np.asarray(change)
   best = sigma.argmax(axis=0)

@@ -1,0 +1,122 @@
+"""Train-step benchmarks: CRM and CE steps at batch 512, epoch throughput."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+from flax import nnx
+
+import lipjax
+from benchmarks import bench_bound, common
+from configs import default
+from lipjax import train_state as ts
+
+STEPS_PER_EPOCH = 100  # only sets the (irrelevant) schedules
+
+
+def make_config(arch: str, loss: str, iterations: int, batch_size: int):
+  c = default.get_config()
+  c.model.architecture = arch
+  c.loss.name = loss
+  c.loss.robust_start_epoch = 0  # the robust term is active from step 0
+  c.bound.power_iterations = iterations
+  c.batch_size = batch_size
+  return c
+
+
+def make_step(arch, loss, iterations, batch_size):
+  """(jitted train step with donation, initial state, device batch)."""
+  shape, classes = common.ARCHS[arch]
+  c = make_config(arch, loss, iterations, batch_size)
+  lr = ts.make_learning_rate(c, STEPS_PER_EPOCH)
+  tx = ts.make_optimizer(c, lr)
+  init_fn = ts.make_init_fn(c, tx, input_shape=shape, num_classes=classes)
+  graphdef = ts.make_graphdef(c, input_shape=shape, num_classes=classes)
+  state = jax.jit(init_fn)()
+  step = jax.jit(ts.make_train_step(c, graphdef, tx, lr,
+                                    steps_per_epoch=STEPS_PER_EPOCH),
+                 donate_argnums=0)
+  batch = jax.device_put(common.random_batch(shape, classes, batch_size))
+  return step, state, batch
+
+
+def train_steps(*, quick, sink, iterations=5, batch_size=512):
+  """One CRM and one CE train step per architecture, and the bound share."""
+  for arch in ("4C3F", "6C2F"):
+    times = {}
+    for loss in ("crm", "ce"):
+      step, state, batch = make_step(arch, loss, iterations, batch_size)
+      info = common.compile_info(step, state, batch)
+      box = [state]
+
+      def run():
+        box[0], metrics = step(box[0], batch)
+        return metrics
+
+      timing = common.time_fn(run, repeats=3 if quick else 7, warmup=2)
+      times[loss] = timing["median_s"]
+      # Epoch throughput: steps dispatched back to back, one sync at the end.
+      n = 4 if quick else 20
+      start = time.perf_counter()
+      for _ in range(n):
+        box[0], metrics = step(box[0], batch)
+      common.block(metrics)
+      per_step = (time.perf_counter() - start) / n
+      record = {"name": "train_step", "arch": arch, "loss": loss,
+                "batch_size": batch_size,
+                "power_iterations": iterations if loss == "crm" else None,
+                **timing, **info,
+                "throughput_images_per_s": batch_size / per_step,
+                "throughput_steps": n,
+                "load_average_1min": common.load_average()}
+      if loss == "crm":
+        model = common.build_model(arch)
+        bound = bench_bound.bound_case(
+            model, arch=arch, method="liplt", kind="pairwise",
+            iterations=iterations, grad=True, repeats=3 if quick else 7,
+            sink=[], peak_gflops=None)
+        record["bound_value_and_grad_s"] = bound["median_s"]
+        record["bound_share_of_step"] = bound["median_s"] / timing["median_s"]
+      common.emit(record, sink)
+    common.emit({"name": "train_step_overhead", "arch": arch,
+                 "median_s": times["crm"] - times["ce"],
+                 "crm_minus_ce_share": (times["crm"] - times["ce"])
+                 / times["crm"]}, sink)
+
+
+def ablation_unroll(*, quick, sink, iterations=5):
+  """Power-iteration steps unrolled (default) vs in a ``fori_loop``.
+
+  ``lipjax.power_iteration.UNROLL_LIMIT = 0`` restores the loop.
+  """
+  from lipjax import power_iteration  # pylint: disable=import-outside-toplevel
+  default = power_iteration.UNROLL_LIMIT
+  archs = ("4C3F", "6C2F")
+  try:
+    for arch in archs:
+      model = common.build_model(arch)
+      for limit, label in ((0, "fori_loop"), (default, "unrolled")):
+        power_iteration.UNROLL_LIMIT = limit
+        for grad in (False, True):
+          bench_bound.bound_case(
+              model, arch=arch, method="liplt", kind="pairwise",
+              iterations=iterations, grad=grad, repeats=3 if quick else 7,
+              sink=sink, peak_gflops=None,
+              extra={"name": "ablation_unroll", "variant": label})
+        if quick and arch != "4C3F":
+          continue
+        step, state, batch = make_step(arch, "crm", iterations, 512)
+        box = [state]
+
+        def run():
+          box[0], metrics = step(box[0], batch)
+          return metrics
+
+        timing = common.time_fn(run, repeats=3 if quick else 7, warmup=2)
+        common.emit({"name": "ablation_unroll", "arch": arch,
+                     "variant": label, "mode": "CRM train step",
+                     "iterations": iterations, **timing,
+                     "load_average_1min": common.load_average()}, sink)
+  finally:
+    power_iteration.UNROLL_LIMIT = default

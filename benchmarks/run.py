@@ -1,0 +1,83 @@
+"""Runs the lipjax benchmarks and writes BENCHMARKS.md.
+
+  python -m benchmarks.run --quick          # a few minutes on 2 CPU cores
+  python -m benchmarks.run                  # the full grid
+  python -m benchmarks.run --only bound,train
+
+One JSON line per measurement goes to stdout; the generated section of
+BENCHMARKS.md (between its markers) is replaced, hand-written notes are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+from benchmarks import bench_bound, bench_train, common, report
+
+SECTIONS = ("peak", "train", "bound", "certification", "depth", "tightness",
+            "ablation")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="fewer cases and repetitions (a few minutes)")
+  parser.add_argument("--only", default=",".join(SECTIONS),
+                      help=f"comma-separated subset of {SECTIONS}")
+  parser.add_argument("--output", default="BENCHMARKS.md",
+                      help="markdown file to update ('' to skip)")
+  parser.add_argument("--jsonl", default="",
+                      help="also append the records to this file")
+  parser.add_argument("--trained-workdir", default="runs/fashion_mnist_quick",
+                      help="train.py workdir of a trained model (tightness)")
+  args = parser.parse_args(argv)
+  only = set(args.only.split(","))
+  unknown = only - set(SECTIONS)
+  if unknown:
+    parser.error(f"unknown sections {sorted(unknown)}; use {SECTIONS}")
+
+  start = time.perf_counter()
+  machine = common.machine_info()
+  print(json.dumps({"name": "machine", **machine}), flush=True)
+  records = []
+  peak = common.matmul_peak(2048, repeats=5 if args.quick else 9)
+  common.emit({"name": "matmul_peak", "arch": None, **peak}, records)
+  if "train" in only:
+    bench_train.train_steps(quick=args.quick, sink=records)
+  if "bound" in only:
+    bench_bound.bound_grid(quick=args.quick, sink=records,
+                           peak_gflops=peak["gflops"])
+  if "certification" in only:
+    bench_bound.certification(quick=args.quick, sink=records)
+  if "depth" in only:
+    bench_bound.depth_scaling(quick=args.quick, sink=records,
+                              peak_gflops=peak["gflops"])
+  if "tightness" in only:
+    bench_bound.tightness(quick=args.quick, sink=records,
+                          trained_workdir=args.trained_workdir)
+  if "ablation" in only:
+    bench_train.ablation_unroll(quick=args.quick, sink=records)
+  meta = {"command": "python -m benchmarks.run " + " ".join(
+              argv if argv is not None else sys.argv[1:]),
+          "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+          "wall_s": time.perf_counter() - start, "machine": machine,
+          "load_end": common.load_average(), "peak": peak,
+          "peak_rss": common.peak_rss_bytes()}
+  if args.jsonl:
+    with open(args.jsonl, "a") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+  if args.output:
+    report.write(args.output, records, meta)
+    print(f"# wrote {os.path.abspath(args.output)} "
+          f"({meta['wall_s']:.0f} s)", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
