@@ -106,6 +106,33 @@ def _round_up_to_float32(x: np.ndarray) -> np.ndarray:
                   np.nextafter(x32, np.float32(np.inf)), x32)
 
 
+def assemble_bound_float64(chain, norms, *, method: str, kind: str,
+                           diagonal: float = 0.0,
+                           large_class_threshold: int = (
+                               bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD)
+                           ) -> np.ndarray:
+  """The bound from given product norms, computed in float64.
+
+  The exact last-layer rows and the recursion run in float64 and the result
+  is rounded *up* to float32, so rounding never makes the bound smaller.
+
+  Args:
+    chain: the network's :class:`~lipjax.linear_maps.LinearChain`.
+    norms: ``[P]`` product norms (already times any safety factor), in the
+      order of :func:`lipjax.required_products`.
+    method, kind, diagonal, large_class_threshold: as in :func:`bound`.
+
+  Returns:
+    float32 numpy: a scalar, ``[K]`` or ``[K, K]``.
+  """
+  with jax.enable_x64(True):
+    value64 = np.asarray(_bound_jit(
+        chain.astype(jnp.float64), jnp.asarray(norms, jnp.float64),
+        method=method, kind=kind, diagonal=float(diagonal),
+        large_class_threshold=int(large_class_threshold)))
+  return _round_up_to_float32(value64)
+
+
 def bound(network, *, method: str = "liplt", kind: str = "pairwise",
           iterations: int | None = None,
           state: power_iteration.PowerState | None = None,
@@ -210,14 +237,9 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
                        CONVERGED_SAFETY_FACTOR)
   else:
     factors = np.full(len(products), float(safety_factor))
-  # The assembly (exact last-layer rows, recursion) runs in float64 and is
-  # rounded *up* to float32, so rounding never makes the bound smaller.
-  with jax.enable_x64(True):
-    value64 = np.asarray(_bound_jit(
-        chain.astype(jnp.float64), jnp.asarray(norms * factors, jnp.float64),
-        method=method, kind=kind, diagonal=float(diagonal),
-        large_class_threshold=int(large_class_threshold)))
-  value = jnp.asarray(_round_up_to_float32(value64))
+  value = jnp.asarray(assemble_bound_float64(
+      chain, norms * factors, method=method, kind=kind, diagonal=diagonal,
+      large_class_threshold=large_class_threshold))
   outputs = [value]
   if return_state:
     outputs.append(state)

@@ -24,7 +24,6 @@ norm with its source, safety factor and power-iteration residual.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,20 +62,6 @@ def _bytes(count: int) -> str:
     if count >= size:
       return f"{count / size:.2f} {unit}"
   return f"{count} bytes"
-
-
-def _round_up_to_float32(x: np.ndarray) -> np.ndarray:
-  x32 = x.astype(np.float32)
-  return np.where(x32.astype(np.float64) < x,
-                  np.nextafter(x32, np.float32(np.inf)), x32)
-
-
-@functools.partial(jax.jit, static_argnames=("method", "kind",
-                                             "large_class_threshold"))
-def _assemble(chain, norms, *, method, kind, large_class_threshold):
-  return bounds_lib.bound_from_norms(
-      chain, norms, method=method, kind=kind,
-      large_class_threshold=large_class_threshold)
 
 
 def sound_bound(model, *, method: str, kind: str,
@@ -172,17 +157,14 @@ def sound_bound(model, *, method: str, kind: str,
       bar.update(1)
     bar.close()
   results = {}
-  with jax.enable_x64(True):
-    chain64 = chain.astype(jnp.float64)
-    for name in ("liplt", "naive"):
-      needed = bounds_lib.required_products(chain.num_layers, method=name,
-                                            kind=kind)
-      norms = np.asarray([entries[p]["norm"] * entries[p]["safety_factor"]
-                          for p in needed], np.float64)
-      value = np.asarray(_assemble(
-          chain64, jnp.asarray(norms, jnp.float64), method=name, kind=kind,
-          large_class_threshold=int(large_class_threshold)))
-      results[name] = _round_up_to_float32(value)
+  for name in ("liplt", "naive"):
+    needed = bounds_lib.required_products(chain.num_layers, method=name,
+                                          kind=kind)
+    norms = np.asarray([entries[p]["norm"] * entries[p]["safety_factor"]
+                        for p in needed], np.float64)
+    results[name] = api.assemble_bound_float64(
+        chain, norms, method=name, kind=kind,
+        large_class_threshold=large_class_threshold)
   results["bound"] = results[method]
   sources = {entries[p]["source"] for p in products}
   mode = ("exact" if sources == {"exact"} else "converged"
