@@ -11,6 +11,7 @@ tests can import it.
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -41,8 +42,17 @@ def main(argv):
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from lipjax import training  # pylint: disable=import-outside-toplevel
-  final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  # pylint: disable=import-outside-toplevel
+  from lipjax import checkpointing
+  from lipjax import data
+  from lipjax import training
+  expected = (data.DatasetNotFoundError, checkpointing.IncompatibleCheckpointError,
+              training.NonFiniteLossError, ImportError)
+  try:
+    final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except expected as error:
+    # Errors a user fixes from the message alone: no traceback.
+    sys.exit(f"error: {error}")
   # One line per process, so multi-process runs can be compared.
   print("final metrics: " + json.dumps(final, sort_keys=True), flush=True)
 
