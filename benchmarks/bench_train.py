@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
-from flax import nnx
 
-import lipjax
 from benchmarks import bench_bound, common
 from configs import default
 from lipjax import train_state as ts
