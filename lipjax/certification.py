@@ -306,7 +306,9 @@ def run(workdir: str, *, checkpoint: int | None = None,
     data_dir: TFDS data_dir override.
     bound_scale: multiplies the certifying bound. Testing only: a value
       below 1 makes the bound unsound so that the audit must fail.
-    progress: progress bars and log lines on stderr.
+    progress: progress bars on stderr. A log line per phase (with its
+      wall time) is written either way, so a log file shows where a long
+      run is.
   """
   timings, t0 = {}, time.perf_counter()
   restored = restore(workdir, checkpoint=checkpoint, data_dir=data_dir)
@@ -329,7 +331,10 @@ def run(workdir: str, *, checkpoint: int | None = None,
   if np.any(eps_pixel < 0):
     raise ValueError(f"eps must be >= 0, got {eps_pixel / scale}.")
   batch_size = int(batch_size or config.eval.batch_size)
-  log = metric_writer.log if progress else (lambda _: None)
+  log = metric_writer.log
+  log(f"restored {restored.workdir} step {restored.step}: {len(dataset)} "
+      f"{split} examples "
+      f"({timings['restore_and_data']:.1f} s)")
   key = jax.random.key(seed)
 
   t = time.perf_counter()
@@ -356,6 +361,10 @@ def run(workdir: str, *, checkpoint: int | None = None,
   certified = np.asarray(certify.is_certified(logits, labels, lip,
                                               eps_pixel))  # [E, N]
   timings["certify"] = time.perf_counter() - t
+  log(f"clean accuracy {correct.mean():.4f}; certified "
+      + ", ".join(f"@{e:.4g} {c.mean():.4f}"
+                  for e, c in zip(eps_pixel, certified))
+      + f" ({timings['certify']:.1f} s)")
 
   # Every setting explicit, so that the report states what actually ran.
   pgd = {"steps": int(pgd_steps), "restarts": int(pgd_restarts),
@@ -369,6 +378,7 @@ def run(workdir: str, *, checkpoint: int | None = None,
   for i, e in enumerate(eps_pixel):
     targets = alive if attack_certified else alive & ~certified[i]
     idx = np.flatnonzero(targets)
+    t_eps = time.perf_counter()
     fooled, _ = attack(apply_fn, variables, dataset, idx,
                        np.full(len(idx), e, np.float32),
                        key=jax.random.fold_in(key, 100 + i),
@@ -376,6 +386,9 @@ def run(workdir: str, *, checkpoint: int | None = None,
                        description=f"pgd eps={e:.4g}")
     alive[idx[fooled]] = False
     robust[i] = alive
+    log(f"pgd eps={e:.4g}: attacked {len(idx)}, fooled {int(fooled.sum())}, "
+        f"PGD accuracy {alive.mean():.4f} "
+        f"({time.perf_counter() - t_eps:.1f} s)")
     if attack_certified:
       pgd_violations += int(np.sum(certified[i] & ~alive))
   timings["pgd"] = time.perf_counter() - t
@@ -391,6 +404,9 @@ def run(workdir: str, *, checkpoint: int | None = None,
                          key=jax.random.fold_in(key, 1), batch_size=batch_size,
                          pgd=pgd, progress=progress, description="audit")
   timings["audit"] = time.perf_counter() - t
+  log(f"audit: {len(audited)} certified points attacked inside "
+      f"{AUDIT_RADIUS_FACTOR} x radius, {int(fooled.sum())} violations "
+      f"({timings['audit']:.1f} s)")
   audit = {
       "radius_factor": AUDIT_RADIUS_FACTOR, "attacked": int(len(audited)),
       "violations": int(fooled.sum()),

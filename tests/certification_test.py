@@ -206,6 +206,10 @@ def test_certify_py_end_to_end(workdir):
       text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "certified" in result.stdout and "audit:" in result.stdout
+  # Without progress bars a log file still shows each phase as it ends.
+  for phase in ("restored ", "bound: ", "clean accuracy ", "pgd eps=0.05:",
+                "pgd eps=0.6:", "audit: "):
+    assert phase in result.stderr, result.stderr
   paths = certification_report.output_paths(workdir, "test")
   with open(paths["json"], encoding="utf-8") as f:
     saved = json.load(f)
