@@ -9,13 +9,21 @@ from experiments.fashion_mnist import summarize
 
 
 def _write_run(workdir: pathlib.Path, *, loss: dict, evals: list[dict],
-               epoch_times: list[float]) -> None:
+               epoch_times: list[float], resumed_at: int | None = None
+               ) -> None:
+  """A workdir as train.py leaves it; ``resumed_at`` (an epoch index)
+  repeats the epochs from there on with 100x their time, as a run killed
+  mid-way and resumed from an earlier checkpoint logs them twice."""
   workdir.mkdir(parents=True)
   config = {"loss": loss, "eval": {"eps": [0.1, 1.0]}}
   (workdir / "config.json").write_text(json.dumps(config))
   records = [{"kind": "train", "step": 1}]
-  records += [{"kind": "epoch", "epoch": i + 1, "epoch_time": t}
+  records += [{"kind": "epoch", "epoch": i + 1, "epoch_time": t * (
+      100 if resumed_at is not None and i >= resumed_at else 1)}
               for i, t in enumerate(epoch_times)]
+  if resumed_at is not None:
+    records += [{"kind": "epoch", "epoch": i + 1, "epoch_time": t}
+                for i, t in enumerate(epoch_times) if i >= resumed_at]
   records += [{"kind": "eval", **e} for e in evals]
   (workdir / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records))
@@ -45,7 +53,7 @@ def test_sweep_ranks_by_mean_certified_accuracy_of_the_last_eval(tmp_path):
 
 def test_results_table_reports_certify_json_numbers(tmp_path):
   _write_run(tmp_path / "crm", loss={"t": 5.0, "lam": 10.0, "r0": 1.0},
-             evals=[], epoch_times=[60.0, 60.0])
+             evals=[], epoch_times=[60.0, 60.0], resumed_at=1)
   report = {
       "eps_pixel": [0.1, 1.0], "clean_accuracy": 0.75,
       "certified_accuracy": [0.7, 0.5], "pgd_accuracy": [0.72, 0.6],

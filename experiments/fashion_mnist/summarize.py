@@ -25,6 +25,18 @@ def _records(metrics_path: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _epochs(metrics_path: pathlib.Path) -> list[dict[str, Any]]:
+  """One summary record per epoch, in order.
+
+  A resumed run repeats the epochs after its last checkpoint; the last
+  record of an epoch is the one whose parameters the run carried on from,
+  so it wins (and the discarded work does not count as training time).
+  """
+  by_epoch = {r["epoch"]: r for r in _records(metrics_path)
+              if r["kind"] == "epoch"}
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def _eps_label(eps: float) -> str:
   return f"{eps:g}"
 
@@ -45,7 +57,7 @@ def sweep_rows(out: pathlib.Path) -> list[dict[str, Any]]:
     last = evals[-1]
     eps = [float(e) for e in config["eval"]["eps"]]
     certified = [last[f"val/certified_accuracy@{_eps_label(e)}"] for e in eps]
-    epochs = [r for r in _records(metrics) if r["kind"] == "epoch"]
+    epochs = _epochs(metrics)
     rows.append({
         "name": metrics.parent.name,
         "t": config["loss"]["t"], "lam": config["loss"]["lam"],
@@ -91,8 +103,7 @@ def results_rows(out: pathlib.Path) -> list[dict[str, Any]]:
       continue
     report = json.loads(report_path.read_text())
     config = json.loads((out / loss / "config.json").read_text())
-    epochs = [r for r in _records(out / loss / "metrics.jsonl")
-              if r["kind"] == "epoch"]
+    epochs = _epochs(out / loss / "metrics.jsonl")
     stats = report["bound"]["statistics"]
     rows.append({
         "loss": loss, "name": _LOSS_NAMES[loss],

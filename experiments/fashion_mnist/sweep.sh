@@ -17,7 +17,10 @@ out=${1:?usage: sweep.sh OUTDIR ["t lam r0" ...]}
 shift
 points=("$@")
 if [ ${#points[@]} -eq 0 ]; then
-  points=("5 30 2.2" "5 10 1.0" "5 3 1.0" "5 10 2.0" "5 30 1.0")
+  # λ and r0 around the reference's MNIST values first, then the soft-min
+  # temperature t at the best (λ, r0).
+  points=("5 30 2.2" "5 10 1.0" "5 3 1.0" "5 10 2.0" "5 30 1.0"
+          "1 30 1.0" "10 30 1.0")
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
