@@ -23,48 +23,21 @@ from lipjax.linear_maps import LinearOp
 from lipjax.linear_maps import dense_matrix
 from lipjax.linear_maps import from_matrices
 from lipjax.linear_maps import from_ops
-
-
-def _weights(seed):
-  rng = np.random.default_rng(seed)
-
-  def weight(*shape):
-    scale = 1.0 / np.sqrt(np.prod(shape[:-1]))
-    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
-
-  return weight
+from tests import chains
 
 
 def _dense_chain():
   # 5 -> 7 -> 3 -> 6 -> 2: products with in < out, in > out and both.
-  rng = np.random.default_rng(0)
-  widths = (5, 7, 3, 6, 2)
-  return from_matrices([
-      rng.standard_normal((widths[k + 1], widths[k]))
-      for k in range(len(widths) - 1)
-  ])
+  return chains.dense_chain((5, 7, 3, 6, 2), seed=0)
 
 
 def _expanding_conv_chain():
-  """conv 6x6x1 -> 6x6x2 (expands), strided conv -> 3x3x3, dense, dense."""
-  weight = _weights(1)
-  return from_ops([
-      LinearOp(kind="conv", weight=weight(3, 3, 1, 2), in_scale=None,
-               out_scale=None, in_shape=(6, 6, 1), strides=(1, 1),
-               padding=((1, 1), (1, 1))),
-      LinearOp(kind="conv", weight=weight(3, 3, 2, 3), in_scale=None,
-               out_scale=jnp.asarray([0.5, 1.5, 1.0], jnp.float32),
-               in_shape=(6, 6, 2), strides=(2, 2), padding=((1, 1), (1, 1))),
-      LinearOp(kind="dense", weight=weight(27, 6), in_scale=None,
-               out_scale=None, in_shape=(3, 3, 3)),
-      LinearOp(kind="dense", weight=weight(6, 4), in_scale=None,
-               out_scale=None, in_shape=(6,)),
-  ])
+  return chains.expanding_conv_chain(seed=1)
 
 
 def _shrinking_conv_chain():
   """scaled conv 7x7x3 -> 7x7x1 (shrinks), conv -> 7x7x2 (expands), dense."""
-  weight = _weights(2)
+  weight = chains.weight_sampler(2)
   return from_ops([
       LinearOp(kind="conv", weight=weight(3, 3, 3, 1),
                in_scale=jnp.asarray([2.0, 0.5, 1.0], jnp.float32),

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 from lipjax import power_iteration
-from lipjax.linear_maps import LinearOp
 from lipjax.linear_maps import dense_matrix
 from lipjax.linear_maps import from_matrices
-from lipjax.linear_maps import from_ops
+from tests import chains
 
 # Seeds chosen (deterministically, by scanning) so that every product of the
 # chain has a relative gap 1 - sigma_2 / sigma_1 of at least 0.04: 400
@@ -32,33 +31,11 @@ _DENSE_WIDTHS = (5, 7, 6, 4, 3)
 
 
 def _dense_chain(widths=_DENSE_WIDTHS, seed=_DENSE_SEED):
-  rng = np.random.default_rng(seed)
-  return from_matrices([
-      rng.standard_normal((widths[k + 1], widths[k]))
-      for k in range(len(widths) - 1)
-  ])
+  return chains.dense_chain(widths, seed)
 
 
 def _conv_chain(seed=_CONV_SEED):
-  """conv 6x6x1->6x6x2, strided conv ->3x3x3 (scaled), flatten-dense, dense."""
-  rng = np.random.default_rng(seed)
-
-  def weight(*shape):
-    scale = 1.0 / np.sqrt(np.prod(shape[:-1]))
-    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
-
-  return from_ops([
-      LinearOp(kind="conv", weight=weight(3, 3, 1, 2), in_scale=None,
-               out_scale=None, in_shape=(6, 6, 1), strides=(1, 1),
-               padding=((1, 1), (1, 1))),
-      LinearOp(kind="conv", weight=weight(3, 3, 2, 3), in_scale=None,
-               out_scale=jnp.asarray([0.5, 1.5, 1.0], jnp.float32),
-               in_shape=(6, 6, 2), strides=(2, 2), padding=((1, 1), (1, 1))),
-      LinearOp(kind="dense", weight=weight(27, 6), in_scale=None,
-               out_scale=None, in_shape=(3, 3, 3)),
-      LinearOp(kind="dense", weight=weight(6, 4), in_scale=None,
-               out_scale=None, in_shape=(6,)),
-  ])
+  return chains.expanding_conv_chain(seed)
 
 
 _CHAINS = {"dense": _dense_chain, "conv": _conv_chain}
