@@ -5,7 +5,8 @@ certified in-process and through ``certify.py``: certified accuracy is at
 most the clean accuracy and non-increasing in ε, the sound bound equals
 ``lipjax.bound`` for the same norms, a bound scaled down 10x makes the
 audit fail (so the audit can fail), and the command writes valid JSON and
-PNGs and exits 0.
+PNGs and exits 0. A model with (eval-mode) batch norm trains, its learned
+BN scales enter the bound, and its certificates pass the audit.
 """
 
 import json
@@ -234,3 +235,31 @@ def test_certify_py_end_to_end(workdir):
   assert not [p for p in os.listdir(workdir) if ".tmp" in p]
   assert {"config.json", "metrics.jsonl", "checkpoints"} <= set(
       os.listdir(workdir))
+
+
+def test_batch_norm_model_trains_and_certifies_soundly(tmp_path):
+  # BN layers are always in eval mode (use_running_average=True): training
+  # learns their scale and bias through the loss and the bound, the running
+  # statistics stay at their initial values, and the bound folds
+  # scale / sqrt(var + eps) in, so certification must remain sound.
+  config = smoke.get_config()
+  config.model.batch_norm = True
+  path = str(tmp_path / "bn")
+  training.train_and_evaluate(config, path)
+  model = certification.restore(path).model
+  assert len(model.batch_norms) == 2
+  for norm in model.batch_norms:
+    assert not np.allclose(np.asarray(norm.scale[...]), 1.0)
+    np.testing.assert_array_equal(np.asarray(norm.mean[...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(norm.var[...]), 1.0)
+  report = certification.run(path, eps=(0.05, 0.1, 0.3), pgd_steps=5,
+                             pgd_restarts=1, progress=False)
+  assert report["bound"]["mode"] == "exact"
+  assert report["audit"]["attacked"] > 0
+  assert report["audit"]["violations"] == 0 and report["audit"]["passed"]
+  # The learned BN scales are part of the certified bound.
+  with_bn = lipjax.bound(model, exact=True)
+  for norm in model.batch_norms:
+    norm.scale.set_value(jnp.ones_like(norm.scale[...]))
+  assert not np.allclose(np.asarray(lipjax.bound(model, exact=True)),
+                         np.asarray(with_bn))
