@@ -1,8 +1,9 @@
 """Tiny linear chains shared by the norm tests (exact and power iteration).
 
 Small enough to materialize with ``linear_maps.dense_matrix`` and take a
-float64 SVD in milliseconds; the convolutions expand and shrink the dimension
-so that both Gram sides and strided/scaled adjoints are exercised.
+float64 SVD in milliseconds. The conv chain expands the dimension, then
+shrinks it with a strided, output-scaled conv, so that strided and scaled
+adjoints are exercised.
 """
 
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from lipjax.linear_maps import from_ops
 
 
 def weight_sampler(seed: int):
-  """Returns ``weight(*shape)``: He-scaled normal float32 draws from ``seed``."""
+  """Returns ``weight(*shape)``: normal draws / sqrt(fan-in), float32."""
   rng = np.random.default_rng(seed)
 
   def weight(*shape):
@@ -26,7 +27,7 @@ def weight_sampler(seed: int):
 
 
 def dense_chain(widths: tuple[int, ...], seed: int) -> LinearChain:
-  """Dense layers ``widths[k] -> widths[k + 1]`` with standard normal weights."""
+  """Dense layers ``widths[k] -> widths[k + 1]``, standard normal weights."""
   rng = np.random.default_rng(seed)
   return from_matrices([
       rng.standard_normal((widths[k + 1], widths[k]))
@@ -35,7 +36,7 @@ def dense_chain(widths: tuple[int, ...], seed: int) -> LinearChain:
 
 
 def expanding_conv_chain(seed: int) -> LinearChain:
-  """conv 6x6x1 -> 6x6x2 (expands), strided scaled conv -> 3x3x3, dense 27->6, dense 6->4."""
+  """conv 6x6x1 -> 6x6x2, strided scaled conv -> 3x3x3, dense 27->6, 6->4."""
   weight = weight_sampler(seed)
   return from_ops([
       LinearOp(kind="conv", weight=weight(3, 3, 1, 2), in_scale=None,
