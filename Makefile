@@ -41,7 +41,7 @@ fmnist-results: fashion-mnist-data
 # Offline when TFDS_DATA_DIR holds the prepared dataset; otherwise install
 # TensorFlow (the `prepare` extra) so that TFDS can download and prepare it.
 fashion-mnist-data: $(STAMP)
-	@$(PY) -c "import sys; from lipjax import data; sys.exit(not data.is_prepared('fashion_mnist'))" \
+	@$(PY) -c "import sys; from lipjax.training import data; sys.exit(not data.is_prepared('fashion_mnist'))" \
 	  || $(PY) -m pip install --quiet -e ".[prepare]"
 
 ## Bound a freshly initialized reference network: naive vs LipLT.

@@ -58,11 +58,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   # Imported here so that --help and flag errors do not wait for JAX.
-  from lipjax import (  # pylint: disable=import-outside-toplevel
-      certification, certification_report, checkpointing, data)
+  # pylint: disable=import-outside-toplevel
+  from lipjax.certification import pipeline, report as report_lib
+  from lipjax.training import checkpoints, data
   try:
     eps = None if FLAGS.eps is None else tuple(float(e) for e in FLAGS.eps)
-    report = certification.run(
+    report = pipeline.run(
         FLAGS.workdir, checkpoint=FLAGS.checkpoint, eps=eps,
         split=FLAGS.split, exact=True if FLAGS.exact else "auto",
         max_exact_gib=FLAGS.max_exact_gib,
@@ -73,16 +74,16 @@ def main(argv):
         data_dir=FLAGS.data_dir, bound_scale=FLAGS.bound_scale,
         progress=FLAGS.progress)
   except (FileNotFoundError, ValueError, MemoryError,
-          checkpointing.IncompatibleCheckpointError,
+          checkpoints.IncompatibleCheckpointError,
           data.DatasetNotFoundError) as error:
     print(f"certify.py: error: {error}", file=sys.stderr)
     return 2
-  paths = certification_report.write(report)
-  print(certification_report.format_table(report), flush=True)
+  paths = report_lib.write(report)
+  print(report_lib.format_table(report), flush=True)
   print("wrote " + ", ".join(paths.values()), flush=True)
-  code = certification.exit_code(report)
+  code = pipeline.exit_code(report)
   if code:
-    print(certification_report.violation_banner(report), flush=True)
+    print(report_lib.violation_banner(report), flush=True)
     print("certify.py: SOUNDNESS VIOLATION (see above); exit status 1",
           file=sys.stderr, flush=True)
   return code

@@ -37,19 +37,19 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   # Imported here so --multiprocess initializes before JAX touches devices.
-  from lipjax import parallel  # pylint: disable=import-outside-toplevel
+  from lipjax.training import parallel  # pylint: disable=import-outside-toplevel
   if FLAGS.multiprocess:
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   # pylint: disable=import-outside-toplevel
-  from lipjax import checkpointing
-  from lipjax import data
-  from lipjax import training
-  expected = (data.DatasetNotFoundError, checkpointing.IncompatibleCheckpointError,
-              training.NonFiniteLossError, ImportError)
+  from lipjax.training import checkpoints
+  from lipjax.training import data
+  from lipjax.training import loop
+  expected = (data.DatasetNotFoundError, checkpoints.IncompatibleCheckpointError,
+              loop.NonFiniteLossError, ImportError)
   try:
-    final = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except expected as error:
     # Errors a user fixes from the message alone: no traceback.
     sys.exit(f"error: {error}")

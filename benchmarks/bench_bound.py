@@ -151,14 +151,14 @@ def _ratio_record(model, *, arch, label, sink, iterations=300):
 def restore_trained(workdir: str):
   """(model, architecture) restored from a ``train.py`` workdir, or None."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from lipjax import checkpointing, parallel  # pylint: disable=import-outside-toplevel
-  from lipjax import train_state as ts  # pylint: disable=import-outside-toplevel
+  from lipjax.training import checkpoints, parallel  # pylint: disable=import-outside-toplevel
+  from lipjax.training import steps  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(workdir) if workdir else workdir
   if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return None
-  saved = checkpointing.read_config(workdir)
+  saved = checkpoints.read_config(workdir)
   if saved is None:
     return None
   config = default.get_config()
@@ -167,17 +167,17 @@ def restore_trained(workdir: str):
           config.to_dict())})
   config = ml_collections.ConfigDict(config)
   shape, classes = _data_shape(config)
-  tx = ts.make_optimizer(config, ts.make_learning_rate(config, 1))
-  init_fn = ts.make_init_fn(config, tx, input_shape=shape,
+  tx = steps.make_optimizer(config, steps.make_learning_rate(config, 1))
+  init_fn = steps.make_init_fn(config, tx, input_shape=shape,
                             num_classes=classes)
-  abstract = checkpointing.abstract_like(
+  abstract = checkpoints.abstract_like(
       jax.eval_shape(init_fn), parallel.replicated(parallel.make_mesh()))
-  with checkpointing.Checkpointer(workdir, every_steps=10**9,
+  with checkpoints.Checkpointer(workdir, every_steps=10**9,
                                   keep=10) as ckpt:
     if ckpt.latest_step() is None:
       return None
     state = ckpt.restore(abstract)
-  graphdef = ts.make_graphdef(config, input_shape=shape, num_classes=classes)
+  graphdef = steps.make_graphdef(config, input_shape=shape, num_classes=classes)
   model = nnx.merge(graphdef, state.params, state.rest)
   return model, f"{config.model.architecture} ({config.data.name}, step " \
       f"{int(state.step)})"

@@ -8,7 +8,7 @@ import jax
 
 from benchmarks import bench_bound, common
 from configs import default
-from lipjax import train_state as ts
+from lipjax.training import steps
 
 STEPS_PER_EPOCH = 100  # only sets the (irrelevant) schedules
 
@@ -27,12 +27,12 @@ def make_step(arch, loss, iterations, batch_size):
   """(jitted train step with donation, initial state, device batch)."""
   shape, classes = common.ARCHS[arch]
   c = make_config(arch, loss, iterations, batch_size)
-  lr = ts.make_learning_rate(c, STEPS_PER_EPOCH)
-  tx = ts.make_optimizer(c, lr)
-  init_fn = ts.make_init_fn(c, tx, input_shape=shape, num_classes=classes)
-  graphdef = ts.make_graphdef(c, input_shape=shape, num_classes=classes)
+  lr = steps.make_learning_rate(c, STEPS_PER_EPOCH)
+  tx = steps.make_optimizer(c, lr)
+  init_fn = steps.make_init_fn(c, tx, input_shape=shape, num_classes=classes)
+  graphdef = steps.make_graphdef(c, input_shape=shape, num_classes=classes)
   state = jax.jit(init_fn)()
-  step = jax.jit(ts.make_train_step(c, graphdef, tx, lr,
+  step = jax.jit(steps.make_train_step(c, graphdef, tx, lr,
                                     steps_per_epoch=STEPS_PER_EPOCH),
                  donate_argnums=0)
   batch = jax.device_put(common.random_batch(shape, classes, batch_size))

@@ -1,6 +1,6 @@
 """Tiny-ImageNet, 8C2F, CRM + LipLT (large-class fallback, K = 200).
 
-  python -m lipjax.data prepare tiny_imagenet --data_dir $TFDS_DATA_DIR \
+  python -m lipjax.training.data prepare tiny_imagenet --data_dir $TFDS_DATA_DIR \
       --manual_dir DIR_WITH_tiny-imagenet-200.zip       # once, needs [prepare]
   python train.py --config configs/tiny_imagenet.py --workdir runs/tiny
 

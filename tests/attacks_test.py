@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from lipjax import attacks
-from lipjax import data
+from lipjax.certification import attacks
+from lipjax.training import augment
+from lipjax.training import data
 
 
 def _flat_norms(a):
@@ -90,7 +91,7 @@ def undefended():
   """A ReLU MLP trained with plain cross-entropy on synthetic 8x8 data."""
   dataset = data.synthetic_dataset(num_examples=512, image_shape=(8, 8, 1),
                                    num_classes=4, seed=0)
-  x, y = data.to_float(dataset.images), jnp.asarray(dataset.labels)
+  x, y = augment.to_float(dataset.images), jnp.asarray(dataset.labels)
   dims = (64, 128, 128, 4)
   keys = jax.random.split(jax.random.key(0), len(dims) - 1)
   params = [(jax.random.normal(k, (i, o)) / np.sqrt(i), jnp.zeros(o))

@@ -24,11 +24,12 @@ import pytest
 
 import lipjax
 from configs import smoke
-from lipjax import certification
-from lipjax import certification_report
-from lipjax import certified_bounds
-from lipjax import certify
-from lipjax import training
+from lipjax.certification import pipeline
+from lipjax.certification import radii
+from lipjax.certification import report as report_lib
+from lipjax.certification import sound_bound
+from lipjax.certification import workdir as workdir_lib
+from lipjax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,13 +45,13 @@ L01_NAIVE = 2 * math.sqrt(10)                        # 6.324555
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("certify") / "smoke")
-  training.train_and_evaluate(smoke.get_config(), path)
+  loop.train_and_evaluate(smoke.get_config(), path)
   return path
 
 
 @pytest.fixture(scope="module")
 def report(workdir):
-  return certification.run(workdir, eps=(0.05, 0.1, 0.3, 0.6),
+  return pipeline.run(workdir, eps=(0.05, 0.1, 0.3, 0.6),
                            pgd_steps=5, pgd_restarts=1, progress=False)
 
 
@@ -59,17 +60,17 @@ def test_hand_computed_radius():
                      exact=True, safety_factor=1.0)
   np.testing.assert_allclose(lip[0, 1], L01_LIPLT, rtol=1e-6)
   logits, labels = jnp.array([[2.0, 0.5]]), jnp.array([0])
-  radius = certify.certified_radius(logits, labels, lip)
+  radius = radii.certified_radius(logits, labels, lip)
   np.testing.assert_allclose(radius, [1.5 / L01_LIPLT], rtol=1e-6)  # 0.265731
   np.testing.assert_allclose(
-      certify.certified_accuracy(logits, labels, lip, jnp.array([0.26, 0.27])),
+      radii.certified_accuracy(logits, labels, lip, jnp.array([0.26, 0.27])),
       [1.0, 0.0])
   # The other label: the margin is negative, so is the radius.
-  assert certify.certified_radius(logits, jnp.array([1]), lip)[0] < 0
+  assert radii.certified_radius(logits, jnp.array([1]), lip)[0] < 0
 
 
 def test_sound_bound_hand_computed():
-  bounds, report = certified_bounds.sound_bound(
+  bounds, report = sound_bound.sound_bound(
       [W0, W1, W2], method="liplt", kind="pairwise", state=None, exact=True)
   # Sound: never below the true value; tight: LipLT multiplies up to three
   # norms, each by the safety factor, and rounds up to float32.
@@ -83,11 +84,11 @@ def test_sound_bound_hand_computed():
 
 
 def test_sound_bound_equals_lipjax_bound(workdir):
-  restored = certification.restore(workdir)
+  restored = workdir_lib.restore(workdir)
   model, power = restored.model, restored.power
   key = jax.random.key(3)
   for exact in (True, False):
-    bounds, report = certified_bounds.sound_bound(
+    bounds, report = sound_bound.sound_bound(
         model, method="liplt", kind="pairwise", state=power, exact=exact,
         key=key)
     expected = lipjax.bound(model, method="liplt", kind="pairwise",
@@ -99,7 +100,7 @@ def test_sound_bound_equals_lipjax_bound(workdir):
   assert all(p["residual"] < 1e-2 and p["safety_factor"] == 1.01
              for p in converged)
   # LipLT is never looser than naive with exact norms (SPEC §3.4).
-  bounds, _ = certified_bounds.sound_bound(model, method="liplt",
+  bounds, _ = sound_bound.sound_bound(model, method="liplt",
                                         kind="pairwise", state=power,
                                         exact=True)
   off = ~np.eye(bounds["liplt"].shape[0], dtype=bool)
@@ -114,9 +115,9 @@ def test_exact_fails_clearly_and_auto_mixes():
   limit = 8 * 2**2
   with pytest.raises(MemoryError,
                      match=r"--exact: .* W_1\.\.\.W_1 \(3x3, 72 bytes\)"):
-    certified_bounds.sound_bound(chain, method="liplt", kind="pairwise",
+    sound_bound.sound_bound(chain, method="liplt", kind="pairwise",
                               state=None, exact=True, max_exact_bytes=limit)
-  bounds, report = certified_bounds.sound_bound(
+  bounds, report = sound_bound.sound_bound(
       chain, method="liplt", kind="pairwise", state=None, exact="auto",
       max_exact_bytes=limit)
   assert report["mode"] == "mixed"
@@ -128,7 +129,7 @@ def test_exact_fails_clearly_and_auto_mixes():
                              rtol=1e-5)
   assert converged["safety_factor"] == lipjax.CONVERGED_SAFETY_FACTOR
   assert converged["residual"] < 1e-2
-  exact, _ = certified_bounds.sound_bound(chain, method="liplt",
+  exact, _ = sound_bound.sound_bound(chain, method="liplt",
                                        kind="pairwise", state=None,
                                        exact=True)
   # The converged norm carries the larger factor, so a larger bound.
@@ -158,27 +159,27 @@ def test_report_numbers_are_consistent(report):
 
 
 def test_audit_fails_when_the_bound_is_scaled_down(workdir):
-  report = certification.run(workdir, pgd_steps=5, pgd_restarts=1,
+  report = pipeline.run(workdir, pgd_steps=5, pgd_restarts=1,
                              bound_scale=0.1, progress=False)
   assert report["audit"]["violations"] > 0
   assert not report["audit"]["passed"]
-  assert certification.exit_code(report) == 1
-  banner = certification_report.violation_banner(report)
+  assert pipeline.exit_code(report) == 1
+  banner = report_lib.violation_banner(report)
   assert "SOUNDNESS VIOLATION" in banner and "scaled by 0.1" in banner
 
 
 def test_missing_paths_are_named_and_nothing_is_written(tmp_path):
   missing = tmp_path / "nope"
   with pytest.raises(FileNotFoundError, match=str(missing)):
-    certification.restore(str(missing))
+    workdir_lib.restore(str(missing))
   assert not missing.exists()
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="config.json"):
-    certification.restore(str(empty))
+    workdir_lib.restore(str(empty))
   (empty / "config.json").write_text(smoke.get_config().to_json_best_effort())
   with pytest.raises(FileNotFoundError, match="checkpoints"):
-    certification.restore(str(empty))
+    workdir_lib.restore(str(empty))
   assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
 
 
@@ -186,16 +187,16 @@ def test_units_and_default_eps():
   config = ml_collections.ConfigDict({
       "data": {"name": "cifar10"}, "eval": {"eps": [0.0705, 36 / 255]},
       "model": {"input_std": [0.5, 0.5, 0.5]}})
-  assert certification.pixels_per_normalized_unit(config) == 0.5
-  np.testing.assert_allclose(certification.default_eps(config),
+  assert pipeline.pixels_per_normalized_unit(config) == 0.5
+  np.testing.assert_allclose(pipeline.default_eps(config),
                              [0.0705, 36 / 255])
   config.model.input_std = [0.5, 0.25, 0.5]
   with pytest.raises(ValueError, match="one input std"):
-    certification.pixels_per_normalized_unit(config)
+    pipeline.pixels_per_normalized_unit(config)
   config.model.input_std = None
-  assert certification.pixels_per_normalized_unit(config) == 1.0
+  assert pipeline.pixels_per_normalized_unit(config) == 1.0
   config.data.name, config.eval.eps = "fashion_mnist", [0.1, 0.3]
-  assert certification.default_eps(config) == (0.1, 0.25, 0.3, 0.5, 1.0)
+  assert pipeline.default_eps(config) == (0.1, 0.25, 0.3, 0.5, 1.0)
 
 
 def test_certify_py_end_to_end(workdir):
@@ -211,10 +212,10 @@ def test_certify_py_end_to_end(workdir):
   for phase in ("restored ", "bound: ", "clean accuracy ", "pgd eps=0.05:",
                 "pgd eps=0.6:", "audit: "):
     assert phase in result.stderr, result.stderr
-  paths = certification_report.output_paths(workdir, "test")
+  paths = report_lib.output_paths(workdir, "test")
   with open(paths["json"], encoding="utf-8") as f:
     saved = json.load(f)
-  assert saved["format"] == certification_report.FORMAT
+  assert saved["format"] == report_lib.FORMAT
   for key in ("clean_accuracy", "certified_accuracy", "pgd_accuracy",
               "radius", "per_class", "bound", "audit", "timings_seconds",
               "versions", "units", "eps_pixel"):
@@ -245,14 +246,14 @@ def test_batch_norm_model_trains_and_certifies_soundly(tmp_path):
   config = smoke.get_config()
   config.model.batch_norm = True
   path = str(tmp_path / "bn")
-  training.train_and_evaluate(config, path)
-  model = certification.restore(path).model
+  loop.train_and_evaluate(config, path)
+  model = workdir_lib.restore(path).model
   assert len(model.batch_norms) == 2
   for norm in model.batch_norms:
     assert not np.allclose(np.asarray(norm.scale[...]), 1.0)
     np.testing.assert_array_equal(np.asarray(norm.mean[...]), 0.0)
     np.testing.assert_array_equal(np.asarray(norm.var[...]), 1.0)
-  report = certification.run(path, eps=(0.05, 0.1, 0.3), pgd_steps=5,
+  report = pipeline.run(path, eps=(0.05, 0.1, 0.3), pgd_steps=5,
                              pgd_restarts=1, progress=False)
   assert report["bound"]["mode"] == "exact"
   assert report["audit"]["attacked"] > 0

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 from configs import default
-from lipjax import config_checks
+from lipjax.training import config_checks
 
 CONFIGS = [("mnist", None), ("fashion_mnist", None), ("fashion_mnist", "quick"),
            ("fashion_mnist", "gloro"), ("fashion_mnist", "quick,ce"),

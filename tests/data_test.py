@@ -1,4 +1,4 @@
-"""Tests for `lipjax.data` and the Tiny-ImageNet builder.
+"""Tests for `lipjax.training.data` and the Tiny-ImageNet builder.
 
 Training is only reproducible and resumable if the data pipeline is, so
 these tests pin down:
@@ -34,8 +34,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from lipjax import data
-from lipjax import tiny_imagenet
+from lipjax.training import augment
+from lipjax.training import batches
+from lipjax.training import data
+from lipjax.training import tiny_imagenet
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _SHARED_TFDS = _REPO.parent / "shared" / "tensorflow_datasets"
@@ -140,9 +142,9 @@ def test_data_dir_or_default(monkeypatch):
 
 
 def test_import_needs_no_tensorflow():
-  code = ("import sys, lipjax.data, tensorflow_datasets as tfds; "
+  code = ("import sys, lipjax.training.data, tensorflow_datasets as tfds; "
           "assert tfds.builder_cls('tiny_imagenet') is "
-          "lipjax.tiny_imagenet.TinyImagenet; "
+          "lipjax.training.tiny_imagenet.TinyImagenet; "
           "assert 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=_REPO,
                  timeout=60)
@@ -191,19 +193,19 @@ def test_synthetic_is_deterministic_and_learnable():
 
 
 def test_epoch_permutation():
-  p = data.epoch_permutation(50, seed=1, epoch=2)
+  p = batches.epoch_permutation(50, seed=1, epoch=2)
   assert p.dtype == np.int64 and sorted(p.tolist()) == list(range(50))
-  np.testing.assert_array_equal(p, data.epoch_permutation(50, seed=1, epoch=2))
-  assert not np.array_equal(p, data.epoch_permutation(50, seed=1, epoch=3))
-  assert not np.array_equal(p, data.epoch_permutation(50, seed=2, epoch=2))
+  np.testing.assert_array_equal(p, batches.epoch_permutation(50, seed=1, epoch=2))
+  assert not np.array_equal(p, batches.epoch_permutation(50, seed=1, epoch=3))
+  assert not np.array_equal(p, batches.epoch_permutation(50, seed=2, epoch=2))
 
 
 def test_processes_slice_the_global_batch():
   kw = dict(global_batch_size=10, seed=5, epoch=1)
   seen = []
-  for step in range(data.num_steps_per_epoch(103, 10)):
-    whole = data.batch_indices(103, step=step, **kw)
-    parts = [data.batch_indices(103, step=step, process_index=i,
+  for step in range(batches.num_steps_per_epoch(103, 10)):
+    whole = batches.batch_indices(103, step=step, **kw)
+    parts = [batches.batch_indices(103, step=step, process_index=i,
                                 process_count=2, **kw) for i in range(2)]
     assert whole.shape == (10,) and parts[0].shape == (5,)
     np.testing.assert_array_equal(np.concatenate(parts), whole)
@@ -215,8 +217,8 @@ def test_resume_sees_the_same_batches():
   ds = _indexed_dataset(37)
   kw = dict(global_batch_size=4, seed=0, epoch=3, process_index=1,
             process_count=2)
-  full = list(data.iterate_batches(ds, **kw))
-  tail = list(data.iterate_batches(ds, start_step=5, **kw))
+  full = list(batches.iterate_batches(ds, **kw))
+  tail = list(batches.iterate_batches(ds, start_step=5, **kw))
   assert [s for s, _ in full] == list(range(9))
   assert [s for s, _ in tail] == list(range(5, 9))
   for (s1, b1), (s2, b2) in zip(full[5:], tail):
@@ -230,24 +232,24 @@ def test_resume_sees_the_same_batches():
 
 def test_batching_errors():
   with pytest.raises(ValueError, match="divisible"):
-    data.batch_indices(100, global_batch_size=10, seed=0, epoch=0, step=0,
+    batches.batch_indices(100, global_batch_size=10, seed=0, epoch=0, step=0,
                        process_count=3)
   with pytest.raises(ValueError, match=r"(?s)(?=.*\b8\b)(?=.*\b5\b)"):
-    data.num_steps_per_epoch(5, 8)
+    batches.num_steps_per_epoch(5, 8)
   with pytest.raises(ValueError):
-    data.batch_indices(100, global_batch_size=10, seed=0, epoch=0, step=10)
+    batches.batch_indices(100, global_batch_size=10, seed=0, epoch=0, step=10)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_cover_every_example_once(process_count):
   ds = _indexed_dataset(23)
-  per_process = [list(data.eval_batches(ds, batch_size=8, process_index=i,
+  per_process = [list(batches.eval_batches(ds, batch_size=8, process_index=i,
                                         process_count=process_count))
                  for i in range(process_count)]
   assert len({len(b) for b in per_process}) == 1  # same number of steps
   labels = []
-  for batches in per_process:
-    for batch in batches:
+  for process_batches in per_process:
+    for batch in process_batches:
       assert batch["image"].shape == (8 // process_count, 2, 2, 1)
       assert batch["mask"].dtype == bool
       np.testing.assert_array_equal(batch["image"][~batch["mask"]], 0)
@@ -263,21 +265,21 @@ def test_eval_batches_cover_every_example_once(process_count):
 
 def _augment(key, images, **kw):
   kw = {"hflip": False, "rotation_degrees": 0.0, "translate": 0.0, **kw}
-  return data.augment(key, images, **kw)
+  return augment.augment(key, images, **kw)
 
 
 def test_augment_shape_range_determinism_and_jit():
-  x = data.to_float(np.random.default_rng(0).integers(
+  x = augment.to_float(np.random.default_rng(0).integers(
       0, 256, (6, 12, 10, 3), dtype=np.uint8))
   assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
   kw = dict(hflip=True, rotation_degrees=20.0, translate=0.2)
   key = jax.random.key(0)
-  y = data.augment(key, x, **kw)
+  y = augment.augment(key, x, **kw)
   assert y.shape == x.shape and y.dtype == np.float32
   assert 0 <= y.min() and y.max() <= 1
-  np.testing.assert_array_equal(y, data.augment(key, x, **kw))
-  assert not np.array_equal(y, data.augment(jax.random.key(1), x, **kw))
-  jitted = jax.jit(functools.partial(data.augment, **kw))
+  np.testing.assert_array_equal(y, augment.augment(key, x, **kw))
+  assert not np.array_equal(y, augment.augment(jax.random.key(1), x, **kw))
+  jitted = jax.jit(functools.partial(augment.augment, **kw))
   np.testing.assert_array_equal(jitted(key, x), y)
   np.testing.assert_array_equal(_augment(key, x), x)
 

@@ -1,4 +1,4 @@
-"""Tests for lipjax.certify and lipjax.losses.
+"""Tests for lipjax.certification.radii and lipjax.training.losses.
 
 Expected values are worked out by hand in the comments (SPEC §4, §5.2, §5.4,
 §8.2); numpy only evaluates the written-out arithmetic. Gradients are checked
@@ -16,15 +16,15 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from lipjax import certify
-from lipjax import losses
+from lipjax.certification import radii
+from lipjax.training import losses
 
 # Under jit, as in training (and much faster than op-by-op dispatch); one
 # test also runs the functions eagerly.
-margins_over_lipschitz = jax.jit(certify.margins_over_lipschitz)
-certified_radius = jax.jit(certify.certified_radius)
-certified_accuracy = jax.jit(certify.certified_accuracy)
-clean_accuracy = jax.jit(certify.clean_accuracy)
+margins_over_lipschitz = jax.jit(radii.margins_over_lipschitz)
+certified_radius = jax.jit(radii.certified_radius)
+certified_accuracy = jax.jit(radii.certified_accuracy)
+clean_accuracy = jax.jit(radii.clean_accuracy)
 cross_entropy = jax.jit(losses.cross_entropy)
 crm_loss = jax.jit(losses.crm_loss,
                    static_argnames=("form", "regularize_misclassified"))
@@ -67,12 +67,12 @@ def test_spec_radius_example(jit):
   # R = (2.0 - 0.5) / 5.644804 = 0.265731; certified iff eps < R.
   maybe_jit = jax.jit if jit else (lambda f: f)
   logits, labels = jnp.array([[2.0, 0.5]]), jnp.array([0])
-  radius = maybe_jit(certify.certified_radius)(logits, labels, PAIR_2)
+  radius = maybe_jit(radii.certified_radius)(logits, labels, PAIR_2)
   np.testing.assert_allclose(radius, [0.265731], rtol=1e-6)
-  acc = maybe_jit(certify.certified_accuracy)(logits, labels, PAIR_2,
+  acc = maybe_jit(radii.certified_accuracy)(logits, labels, PAIR_2,
                                               jnp.array([0.26, 0.27]))
   np.testing.assert_array_equal(acc, [1.0, 0.0])
-  assert float(maybe_jit(certify.clean_accuracy)(logits, labels)) == 1.0
+  assert float(maybe_jit(radii.clean_accuracy)(logits, labels)) == 1.0
 
 
 def test_per_class_and_global_conversions():
@@ -84,7 +84,7 @@ def test_per_class_and_global_conversions():
   # Global 5.25 -> sqrt(2) * 5.25 = 7.424621 -> R = 0.202030.
   np.testing.assert_allclose(
       certified_radius(logits, labels, 5.25), [0.202030], rtol=1e-5)
-  np.testing.assert_allclose(certify.pairwise_lipschitz(5.25, 2)[0, 1],
+  np.testing.assert_allclose(radii.pairwise_lipschitz(5.25, 2)[0, 1],
                              7.424621, rtol=1e-6)
   with pytest.raises(ValueError, match="lipschitz must be"):
     certified_radius(logits, labels, jnp.ones(3))

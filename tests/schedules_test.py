@@ -1,4 +1,4 @@
-"""Tests for lipjax.schedules against the SPEC §6.1/§6.2 numbers.
+"""Tests for lipjax.training.schedules against the SPEC §6.1/§6.2 numbers.
 
 ``exponential_with_stopping`` is compared with the reference formula
 ``eta(n) = eta0 * gamma ** clip(n - S + 1, 0, E - S)`` evaluated in float64,
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lipjax import schedules
+from lipjax.training import schedules
 
 # (eta0, eta_min, S, E, gamma from SPEC §6.2)
 RECIPES = {

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from lipjax import checkpointing
-from lipjax import train_state as ts
-from lipjax import training
+from lipjax.training import checkpoints
+from lipjax.training import loop
+from lipjax.training import steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "tensorflow_datasets"
@@ -55,7 +55,7 @@ def read_metrics(workdir):
 def test_smoke_end_to_end(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   workdir = "run"  # relative, as users type it
-  result = training.train_and_evaluate(smoke_config(), workdir)
+  result = loop.train_and_evaluate(smoke_config(), workdir)
   # 288 examples -> 260 train (90 %) -> 8 steps of 32 per epoch, 2 epochs.
   steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints")
                  .iterdir() if p.name.isdigit())
@@ -77,13 +77,13 @@ def test_smoke_end_to_end(tmp_path, monkeypatch):
 def test_resume_after_interruption_is_bit_identical(tmp_path):
   config = smoke_config(**{"checkpoint.keep": 10})
   full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-  training.train_and_evaluate(config, full)
+  loop.train_and_evaluate(config, full)
   # Simulate a kill after the step-4 checkpoint: drop everything later.
   shutil.copytree(full, resumed)
   for p in (pathlib.Path(resumed) / "checkpoints").iterdir():
     if p.name.isdigit() and int(p.name) > 4:
       shutil.rmtree(p)
-  training.train_and_evaluate(config, resumed)
+  loop.train_and_evaluate(config, resumed)
   step_a, params_a = restore_params(full)
   step_b, params_b = restore_params(resumed)
   assert step_a == step_b == 16
@@ -92,16 +92,16 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  real_loss = ts._loss  # pylint: disable=protected-access
+  real_loss = steps._loss  # pylint: disable=protected-access
 
   def poisoned(config, hyper, epoch, logits, labels, lip):
     loss, aux, logged = real_loss(config, hyper, epoch, logits, labels, lip)
     return jax.numpy.where(epoch >= 1, jax.numpy.nan, loss), aux, logged
 
-  monkeypatch.setattr(ts, "_loss", poisoned)
+  monkeypatch.setattr(steps, "_loss", poisoned)
   workdir = str(tmp_path / "nan")
-  with pytest.raises(training.NonFiniteLossError, match="last good"):
-    training.train_and_evaluate(smoke_config(), workdir)
+  with pytest.raises(loop.NonFiniteLossError, match="last good"):
+    loop.train_and_evaluate(smoke_config(), workdir)
   step, params = restore_params(workdir)
   assert step <= 8  # nothing saved after the poisoned epoch started
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
@@ -111,33 +111,33 @@ def test_config_errors_name_the_fix(tmp_path):
   with pytest.raises(ValueError, match="Did you mean 'loss.lam'"):
     config = smoke_config()
     config.loss.lamb = 3.0
-    training.train_and_evaluate(config, str(tmp_path / "a"))
+    loop.train_and_evaluate(config, str(tmp_path / "a"))
   with pytest.raises(ValueError, match="not one of"):
-    training.train_and_evaluate(smoke_config(**{"loss.name": "trades"}),
+    loop.train_and_evaluate(smoke_config(**{"loss.name": "trades"}),
                                 str(tmp_path / "b"))
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    training.train_and_evaluate(smoke_config(batch_size=12),
+    loop.train_and_evaluate(smoke_config(batch_size=12),
                                 str(tmp_path / "c"))
   with pytest.raises(ValueError, match="does not fit input_shape"):
-    training.train_and_evaluate(
+    loop.train_and_evaluate(
         smoke_config(**{"model.architecture": "8C2F"}), str(tmp_path / "d"))
 
 
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
   workdir = tmp_path / "run"
   config = smoke_config(num_epochs=1)
-  training.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   other = smoke_config(num_epochs=1, **{"model.architecture": "3F"})
   with pytest.raises(ValueError, match="new --workdir"):
-    training.train_and_evaluate(other, str(workdir))
+    loop.train_and_evaluate(other, str(workdir))
   # Without config.json the checkpoint itself is checked.
   (workdir / "config.json").unlink()
   del before[workdir / "config.json"]
   before = {p: t for p, t in before.items() if p.exists()}
-  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+  with pytest.raises(checkpoints.IncompatibleCheckpointError,
                      match="Nothing was changed"):
-    training.train_and_evaluate(other, str(workdir))
+    loop.train_and_evaluate(other, str(workdir))
   after = {p: p.stat().st_mtime_ns for p in before}
   assert after == before
 
@@ -146,8 +146,8 @@ def _run_single_device(workdir, num_steps_epochs):
   code = (
       "import sys; sys.path.insert(0, %r)\n"
       "from tests.train_test import smoke_config\n"
-      "from lipjax import training\n"
-      "training.train_and_evaluate(smoke_config(num_epochs=%d), %r)\n"
+      "from lipjax.training import loop\n"
+      "loop.train_and_evaluate(smoke_config(num_epochs=%d), %r)\n"
   ) % (str(REPO), num_steps_epochs, workdir)
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO,
@@ -157,7 +157,7 @@ def _run_single_device(workdir, num_steps_epochs):
 def test_eight_devices_match_one_device(tmp_path):
   assert jax.device_count() == 8
   eight, one = str(tmp_path / "eight"), str(tmp_path / "one")
-  training.train_and_evaluate(smoke_config(num_epochs=1), eight)
+  loop.train_and_evaluate(smoke_config(num_epochs=1), eight)
   _run_single_device(one, 1)
   loss8 = [r["loss"] for r in read_metrics(eight) if r["kind"] == "train"]
   loss1 = [r["loss"] for r in read_metrics(one) if r["kind"] == "train"]
@@ -179,7 +179,7 @@ def test_real_fashion_mnist_steps(tmp_path):
   config.batch_size, config.num_epochs = 64, 1
   config.eval.final_test = False
   config.progress = False
-  result = training.train_and_evaluate(config, str(tmp_path / "fmnist"))
+  result = loop.train_and_evaluate(config, str(tmp_path / "fmnist"))
   records = read_metrics(str(tmp_path / "fmnist"))
   train = [r for r in records if r["kind"] == "train"]
   assert train and all(np.isfinite(r["loss"]) for r in train)

@@ -1,8 +1,8 @@
 """A TFDS builder for Tiny-ImageNet (TFDS ships none).
 
 Importing this module registers the builder under the TFDS name
-``tiny_imagenet`` (version 1.0.0); :mod:`lipjax.data` imports it so that
-``tfds.data_source("tiny_imagenet", ...)`` and ``python -m lipjax.data prepare
+``tiny_imagenet`` (version 1.0.0); :mod:`lipjax.training.data` imports it so that
+``tfds.data_source("tiny_imagenet", ...)`` and ``python -m lipjax.training.data prepare
 tiny_imagenet`` find it. Registration needs no TensorFlow; preparing the
 dataset (``download_and_prepare``) does, like every TFDS dataset.
 
@@ -122,7 +122,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release (lipjax)."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Download the official {ZIP_NAME} ({HOMEPAGE}) and put it, unextracted, "
-      "in a folder; pass that folder as manual_dir (python -m lipjax.data "
+      "in a folder; pass that folder as manual_dir (python -m lipjax.training.data "
       "prepare tiny_imagenet --data_dir DIR --manual_dir FOLDER).")
 
   def _info(self) -> tfds.core.DatasetInfo:

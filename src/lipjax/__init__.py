@@ -6,24 +6,29 @@ The public API is flat::
   L = lipjax.bound([W0, W1, W2], method="liplt", kind="pairwise")
   radii = lipjax.certified_radius(logits, labels, L)
 
-Training (``lipjax.training``, ``lipjax.data``) is imported on demand, so
-``import lipjax`` stays light. See README.md for more.
+The package has three parts, by what a user does:
+
+* the **bound engine**, at the top level: activations, models, linear maps,
+  power iteration, exact norms, the naive and LipLT bounds and
+  :func:`lipjax.bound`;
+* :mod:`lipjax.training`: data, losses, schedules, train steps, the loop,
+  checkpoints (imported on demand, so ``import lipjax`` stays light);
+* :mod:`lipjax.certification`: certified radii, attacks, the sound bound
+  with its report, and the workdir pipeline behind ``certify.py``.
+
+See README.md for more.
 """
 
+
 from lipjax import activations
-from lipjax import attacks
 from lipjax import bounds
-from lipjax import certify
+from lipjax import certification
 from lipjax import exact
 from lipjax import linear_maps
 from lipjax import models
-from lipjax import losses
 from lipjax import power_iteration
-from lipjax import schedules
 from lipjax.activations import ACTIVATIONS
 from lipjax.api import BoundInfo
-from lipjax.attacks import pgd_l2
-from lipjax.attacks import project_l2_box
 from lipjax.api import CONVERGED_SAFETY_FACTOR
 from lipjax.api import EXACT_SAFETY_FACTOR
 from lipjax.api import bound
@@ -32,10 +37,12 @@ from lipjax.bounds import bound_from_norms
 from lipjax.bounds import liplt_bound
 from lipjax.bounds import naive_bound
 from lipjax.bounds import required_products
-from lipjax.certify import certified_accuracy
-from lipjax.certify import certified_radius
-from lipjax.certify import clean_accuracy
-from lipjax.certify import is_certified
+from lipjax.certification.attacks import pgd_l2
+from lipjax.certification.attacks import project_l2_box
+from lipjax.certification.radii import certified_accuracy
+from lipjax.certification.radii import certified_radius
+from lipjax.certification.radii import clean_accuracy
+from lipjax.certification.radii import is_certified
 from lipjax.linear_maps import LinearChain
 from lipjax.linear_maps import LinearOp
 from lipjax.linear_maps import from_matrices
@@ -56,13 +63,12 @@ __all__ = (
     "LinearOp",
     "PowerState",
     "activations",
-    "attacks",
     "bound",
     "bound_from_norms",
     "bounds",
+    "certification",
     "certified_accuracy",
     "certified_radius",
-    "certify",
     "clean_accuracy",
     "exact",
     "from_matrices",
@@ -71,13 +77,11 @@ __all__ = (
     "is_certified",
     "linear_maps",
     "liplt_bound",
-    "losses",
     "models",
     "naive_bound",
     "pgd_l2",
     "power_iteration",
     "project_l2_box",
     "required_products",
-    "schedules",
     "to_chain",
 )

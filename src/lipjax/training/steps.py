@@ -18,11 +18,11 @@ import optax
 from flax import nnx
 
 import lipjax
-from lipjax import certify
-from lipjax import data
-from lipjax import losses
-from lipjax import schedules
+from lipjax.certification import radii
 from lipjax.power_iteration import PowerState
+from lipjax.training import augment
+from lipjax.training import losses
+from lipjax.training import schedules
 
 
 @jax.tree_util.register_dataclass
@@ -174,16 +174,16 @@ def make_train_step(config, graphdef, tx, learning_rate, *,
   """
   hyper = loss_schedules(config)
   augment_cfg = config.data.augment
-  augment = (augment_cfg.hflip or augment_cfg.rotation_degrees > 0
-             or augment_cfg.translate > 0)
+  augments = (augment_cfg.hflip or augment_cfg.rotation_degrees > 0
+              or augment_cfg.translate > 0)
   b = config.bound
   uses_bound_gradient = config.loss.name != "ce"
 
   def train_step(state: TrainState, batch):
     epoch = state.step // steps_per_epoch
-    images = data.to_float(batch["image"])
-    if augment:
-      images = data.augment(
+    images = augment.to_float(batch["image"])
+    if augments:
+      images = augment.augment(
           jax.random.fold_in(state.rng, state.step), images,
           hflip=augment_cfg.hflip,
           rotation_degrees=augment_cfg.rotation_degrees,
@@ -207,7 +207,7 @@ def make_train_step(config, graphdef, tx, learning_rate, *,
         jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    radius = certify.certified_radius(logits, labels, lip)
+    radius = radii.certified_radius(logits, labels, lip)
     correct = jnp.argmax(logits, -1) == labels
     metrics = {
         "loss": loss, "accuracy": jnp.mean(correct),
@@ -250,12 +250,12 @@ def make_eval_step(config, graphdef) -> Callable:
 
   def eval_step(params, rest, lip, batch):
     model = nnx.merge(graphdef, params, rest)
-    logits = model(data.to_float(batch["image"]))
+    logits = model(augment.to_float(batch["image"]))
     labels, mask = batch["label"], batch["mask"]
     count = jnp.sum(mask)
     correct = (jnp.argmax(logits, -1) == labels) & mask
-    radius = certify.certified_radius(logits, labels, lip)
-    certified = certify.is_certified(logits, labels, lip, eps) & mask[None]
+    radius = radii.certified_radius(logits, labels, lip)
+    certified = radii.is_certified(logits, labels, lip, eps) & mask[None]
     return {"count": count, "correct": jnp.sum(correct),
             "certified": jnp.sum(certified, axis=1),
             "radius_sum": jnp.sum(jnp.where(correct, radius, 0.0))}

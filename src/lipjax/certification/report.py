@@ -1,6 +1,6 @@
 """The certification report: JSON, figures and the stdout table.
 
-:func:`build_report` turns the arrays of :func:`lipjax.certification.run`
+:func:`build_report` turns the arrays of :func:`lipjax.certification.pipeline.run`
 into one JSON-able dict (every number, the bound mode, units, versions,
 timings); :func:`write` puts ``certify.json`` and two PNG figures in the
 workdir (atomically, never touching a training file); :func:`format_table`
@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from lipjax import certify
+from lipjax.certification import radii
 
 FORMAT = "lipjax.certify/1"
 _HISTOGRAM_BINS = 40
@@ -58,7 +58,7 @@ def versions() -> dict:
 def _bound_stats(bounds: dict, lip: np.ndarray, num_classes: int) -> dict:
   """Effective pairwise bounds ``L_ij`` (i < j): certifying, LipLT, naive."""
   first, second = np.triu_indices(num_classes, k=1)
-  pairs = {name: np.asarray(certify.pairwise_lipschitz(
+  pairs = {name: np.asarray(radii.pairwise_lipschitz(
       np.asarray(value, np.float64), num_classes))[first, second]
            for name, value in (("certifying", lip),
                                ("liplt", bounds["liplt"]),
@@ -204,11 +204,11 @@ def write(report: dict) -> dict[str, str]:
   Returns:
     The paths written.
   """
-  from lipjax import report_figures  # pylint: disable=import-outside-toplevel
+  from lipjax.certification import figures  # pylint: disable=import-outside-toplevel
   paths = output_paths(report["workdir"], report["split"])
   for name in ("accuracy_png", "radii_png"):
-    draw = (report_figures.accuracy_figure if name == "accuracy_png"
-            else report_figures.radius_histogram)
+    draw = (figures.accuracy_figure if name == "accuracy_png"
+            else figures.radius_histogram)
     _atomic_write_bytes(paths[name], draw(report))
   payload = json.dumps(report, indent=2, allow_nan=False) + "\n"
   _atomic_write_bytes(paths["json"], payload.encode("utf-8"))

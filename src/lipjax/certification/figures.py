@@ -6,7 +6,7 @@
 * :func:`radius_histogram`: the certified radii of correctly classified
   points, with the ε list marked.
 
-Both take the report dict of :mod:`lipjax.certification_report` and return
+Both take the report dict of :mod:`lipjax.certification.report` and return
 PNG bytes, so that the caller can write them atomically.
 """
 

@@ -2,7 +2,7 @@
 
 Each robust loss takes logits ``[batch, K]``, integer labels ``[batch]`` and
 Lipschitz information (a ``[K, K]`` pairwise matrix, ``[K]`` per-class bounds
-or a scalar global bound, converted as in :mod:`lipjax.certify`), and returns
+or a scalar global bound, converted as in :mod:`lipjax.certification.radii`), and returns
 ``(loss, aux)`` where ``aux`` is a dict of scalars for logging. Everything is
 pure and jit-able; hyperparameters are keyword-only and may be traced arrays
 (so per-epoch schedules do not trigger recompiles), except for the string and
@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lipjax import certify
+from lipjax.certification import radii
 
 CRM_FORMS = ("softmax", "max")
 
@@ -55,7 +55,7 @@ def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  certify.check_logits(logits, labels)
+  radii.check_logits(logits, labels)
   per_example = _per_example_cross_entropy(logits, labels)
   if mask is None:
     return jnp.mean(per_example)
@@ -116,17 +116,17 @@ def crm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
     raise ValueError(f"Unknown CRM form {form!r}; choose one of {CRM_FORMS}.")
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  certify.check_logits(logits, labels)
+  radii.check_logits(logits, labels)
   batch, num_classes = logits.shape
   predicted = jnp.argmax(jax.lax.stop_gradient(logits), axis=1)
-  radii = certify.margins_over_lipschitz(logits, predicted, lipschitz)
+  pair_radii = radii.margins_over_lipschitz(logits, predicted, lipschitz)
 
   is_self = jnp.arange(num_classes)[None, :] == predicted[:, None]
   # +inf radii (self entry, zero bounds) contribute exp(-inf) = 0: drop them
   # and give the dropped slots a finite value so no inf reaches a gradient.
-  valid = ~is_self & jnp.isfinite(radii)
-  safe_radii = jnp.where(valid, radii, 0.0)
-  min_radius = jax.lax.stop_gradient(jnp.min(radii, axis=1))
+  valid = ~is_self & jnp.isfinite(pair_radii)
+  safe_radii = jnp.where(valid, pair_radii, 0.0)
+  min_radius = jax.lax.stop_gradient(jnp.min(pair_radii, axis=1))
   correct = predicted == labels
   keep = correct | regularize_misclassified
   active = keep & (min_radius < r0) & jnp.any(valid, axis=1)
@@ -205,13 +205,13 @@ def gloro_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  certify.check_logits(logits, labels)
+  radii.check_logits(logits, labels)
   num_classes = logits.shape[1]
   lipschitz = jnp.asarray(lipschitz)
   if lipschitz.ndim == 0:
     lipschitz = jnp.full((num_classes, num_classes), 2.0,
                          lipschitz.dtype) * lipschitz
-  rows = certify.pairwise_lipschitz(lipschitz, num_classes)[labels]
+  rows = radii.pairwise_lipschitz(lipschitz, num_classes)[labels]
   is_label = jnp.arange(num_classes)[None, :] == labels[:, None]
   # -inf for i == y is safe: K >= 2 leaves a finite entry for the max, and
   # the max's gradient goes to that entry only.
@@ -223,7 +223,7 @@ def gloro_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   aux = {
       "cross_entropy": ce,
       "robust_term": robust,
-      "accuracy": certify.clean_accuracy(logits, labels),
+      "accuracy": radii.clean_accuracy(logits, labels),
       "certified_fraction": jnp.mean((z_y > z_bot).astype(jnp.float32)),
   }
   return ce + lam * robust, aux
@@ -253,9 +253,9 @@ def lmt_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  certify.check_logits(logits, labels)
+  radii.check_logits(logits, labels)
   num_classes = logits.shape[1]
-  rows = certify.pairwise_lipschitz(lipschitz, num_classes)[labels]
+  rows = radii.pairwise_lipschitz(lipschitz, num_classes)[labels]
   not_label = jnp.arange(num_classes)[None, :] != labels[:, None]
   correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=1) == labels
   offset = jnp.where(not_label & correct[:, None], mu * eps * rows, 0.0)

@@ -33,8 +33,8 @@ from lipjax import api
 from lipjax import bounds as bounds_lib
 from lipjax import exact as exact_lib
 from lipjax import linear_maps
-from lipjax import metric_writer
 from lipjax import power_iteration
+from lipjax.progress import progress_bar
 
 
 def _warm_state(chain, products, saved, key) -> power_iteration.PowerState:
@@ -62,6 +62,71 @@ def _bytes(count: int) -> str:
     if count >= size:
       return f"{count / size:.2f} {unit}"
   return f"{count} bytes"
+
+
+def _exact_choice(sizes, exact: bool | str, max_exact_bytes: int
+                  ) -> list[bool]:
+  """Which products get exact norms; with ``exact=True`` all or an error.
+
+  Raises:
+    MemoryError: ``exact=True`` and some Gram matrix exceeds the limit (the
+      message names every such product), before any work.
+  """
+  fits = [s.gram_bytes <= max_exact_bytes for s in sizes]
+  if exact is True and not all(fits):
+    too_big = [f"W_{s.product[1]}...W_{s.product[0]} ({s.side}x{s.side}, "
+               f"{_bytes(s.gram_bytes)})" for s, f in zip(sizes, fits)
+               if not f]
+    raise MemoryError(
+        f"--exact: the float64 Gram matrices of {', '.join(too_big)} exceed "
+        f"max_exact_bytes = {_bytes(max_exact_bytes)}. Raise "
+        "--max_exact_gib if the machine has the memory, or drop --exact to "
+        "use converged power iteration for those products.")
+  return [bool(exact) and f for f in fits]
+
+
+def _converged_norms(chain, products, state, entries, *, key, rtol,
+                     max_iterations, restarts) -> dict:
+  """Converged power-iteration norms of ``products`` into ``entries``.
+
+  Returns:
+    The convergence summary of the report.
+  """
+  warm = _warm_state(chain, products, state, jax.random.fold_in(key, 1))
+  _, info = power_iteration.converge(
+      chain, warm, key=key, rtol=rtol, max_iterations=max_iterations,
+      restarts=restarts)
+  for i, p in enumerate(info.products):
+    entries[p].update(
+        source="converged", norm=float(info.norms[i]),
+        safety_factor=api.CONVERGED_SAFETY_FACTOR,
+        residual=float(info.residuals[i]),
+        relative_change=float(info.relative_change[i]),
+        warm_start_won=bool(np.argmax(info.per_start[:, i]) == 0))
+  return {"iterations": info.iterations, "converged": info.converged,
+          "rtol": rtol, "restarts": restarts,
+          "max_iterations": max_iterations}
+
+
+def _exact_norms(chain, products, entries, *, max_exact_bytes: int,
+                 progress: bool) -> None:
+  """Exact float64 Gram norms of ``products`` into ``entries``.
+
+  One product at a time, so that the bar names the one being computed (a
+  12544-wide Gram matrix takes minutes on a CPU).
+  """
+  if not products:
+    return
+  bar = progress_bar(total=len(products), initial=0,
+                     description="exact norms", enabled=progress)
+  for p in products:
+    side = entries[p]["gram_side"]
+    bar.set_postfix_str(f"{entries[p]['layers']} ({side}x{side} Gram)")
+    value = exact_lib.product_norm(chain, p, max_bytes=max_exact_bytes)
+    entries[p].update(source="exact", norm=float(value),
+                      safety_factor=api.EXACT_SAFETY_FACTOR)
+    bar.update(1)
+  bar.close()
 
 
 def sound_bound(model, *, method: str, kind: str,
@@ -109,53 +174,17 @@ def sound_bound(model, *, method: str, kind: str,
   products = bounds_lib.required_products(chain.num_layers, method="liplt",
                                           kind=kind)
   sizes = [exact_lib.gram_size(chain, p) for p in products]
-  fits = [s.gram_bytes <= max_exact_bytes for s in sizes]
-  if exact is True and not all(fits):
-    too_big = [f"W_{s.product[1]}...W_{s.product[0]} ({s.side}x{s.side}, "
-               f"{_bytes(s.gram_bytes)})" for s, f in zip(sizes, fits)
-               if not f]
-    raise MemoryError(
-        f"--exact: the float64 Gram matrices of {', '.join(too_big)} exceed "
-        f"max_exact_bytes = {_bytes(max_exact_bytes)}. Raise "
-        "--max_exact_gib if the machine has the memory, or drop --exact to "
-        "use converged power iteration for those products.")
-  use_exact = [bool(exact) and f for f in fits]
+  use_exact = _exact_choice(sizes, exact, max_exact_bytes)
   entries = {p: {"product": list(p), "layers": f"W_{p[1]}...W_{p[0]}",
                  "in_dim": s.in_dim, "out_dim": s.out_dim,
                  "gram_side": s.side, "gram_gib": s.gram_bytes / 2**30}
              for p, s in zip(products, sizes)}
   iterated = [p for p, e in zip(products, use_exact) if not e]
-  convergence = None
-  if iterated:
-    warm = _warm_state(chain, iterated, state, jax.random.fold_in(key, 1))
-    _, info = power_iteration.converge(
-        chain, warm, key=key, rtol=rtol, max_iterations=max_iterations,
-        restarts=restarts)
-    convergence = {"iterations": info.iterations,
-                   "converged": info.converged, "rtol": rtol,
-                   "restarts": restarts, "max_iterations": max_iterations}
-    for i, p in enumerate(info.products):
-      entries[p].update(
-          source="converged", norm=float(info.norms[i]),
-          safety_factor=api.CONVERGED_SAFETY_FACTOR,
-          residual=float(info.residuals[i]),
-          relative_change=float(info.relative_change[i]),
-          warm_start_won=bool(np.argmax(info.per_start[:, i]) == 0))
-  exact_products = [p for p, e in zip(products, use_exact) if e]
-  if exact_products:
-    # One product at a time, so that the bar names the one being computed
-    # (a 12544-wide Gram matrix takes minutes on a CPU).
-    bar = metric_writer.progress_bar(total=len(exact_products), initial=0,
-                                     description="exact norms",
-                                     enabled=progress)
-    for p in exact_products:
-      side = entries[p]["gram_side"]
-      bar.set_postfix_str(f"{entries[p]['layers']} ({side}x{side} Gram)")
-      value = exact_lib.product_norm(chain, p, max_bytes=max_exact_bytes)
-      entries[p].update(source="exact", norm=float(value),
-                        safety_factor=api.EXACT_SAFETY_FACTOR)
-      bar.update(1)
-    bar.close()
+  convergence = _converged_norms(
+      chain, iterated, state, entries, key=key, rtol=rtol,
+      max_iterations=max_iterations, restarts=restarts) if iterated else None
+  _exact_norms(chain, [p for p, e in zip(products, use_exact) if e], entries,
+               max_exact_bytes=max_exact_bytes, progress=progress)
   results = {}
   for name in ("liplt", "naive"):
     needed = bounds_lib.required_products(chain.num_layers, method=name,

@@ -133,6 +133,46 @@ def assemble_bound_float64(chain, norms, *, method: str, kind: str,
   return _round_up_to_float32(value64)
 
 
+def _training_bound(chain, state, iterations: int, *, method, kind, diagonal,
+                    safety_factor, large_class_threshold):
+  """``iterations`` warm steps and the differentiable estimate (traceable).
+
+  Returns:
+    ``(bound, state)``.
+  """
+  factor = 1.0 if safety_factor is None else float(safety_factor)
+  if state is not None and state.products:
+    state = power_iteration.iterate(chain, state, iterations)
+    norms = power_iteration.estimate(chain, state) * factor
+  else:
+    norms = jnp.zeros((0,), chain.ops[-1].weight.dtype)
+  value = bounds_lib.bound_from_norms(
+      chain, norms, method=method, kind=kind, diagonal=diagonal,
+      large_class_threshold=large_class_threshold)
+  return value, state
+
+
+def _norms_by_source(chain, state, products, use_exact: np.ndarray, *, key,
+                     rtol, max_iterations, restarts, max_exact_bytes):
+  """float64 norms: exact where ``use_exact``, converged iteration elsewhere.
+
+  Returns:
+    ``(norms [P], state, convergence or None)``.
+  """
+  norms = np.zeros(len(products), np.float64)
+  convergence = None
+  if products and not use_exact.all():
+    state, convergence = power_iteration.converge(
+        chain, state, key=key, rtol=rtol, max_iterations=max_iterations,
+        restarts=restarts)
+    norms[:] = convergence.norms
+  if use_exact.any():
+    chosen = [p for p, e in zip(products, use_exact) if e]
+    norms[use_exact] = exact_lib.product_norms(chain, chosen,
+                                               max_bytes=max_exact_bytes)
+  return norms, state, convergence
+
+
 def bound(network, *, method: str = "liplt", kind: str = "pairwise",
           iterations: int | None = None,
           state: power_iteration.PowerState | None = None,
@@ -203,14 +243,9 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
     if exact or return_info:
       raise ValueError("iterations=... (training mode) cannot be combined "
                        "with exact=... or return_info=True.")
-    factor = 1.0 if safety_factor is None else float(safety_factor)
-    if products:
-      state = power_iteration.iterate(chain, state, iterations)
-      norms = power_iteration.estimate(chain, state) * factor
-    else:
-      norms = jnp.zeros((0,), chain.ops[-1].weight.dtype)
-    value = bounds_lib.bound_from_norms(
-        chain, norms, method=method, kind=kind, diagonal=diagonal,
+    value, state = _training_bound(
+        chain, state, iterations, method=method, kind=kind,
+        diagonal=diagonal, safety_factor=safety_factor,
         large_class_threshold=large_class_threshold)
     return (value, state) if return_state else value
 
@@ -220,18 +255,11 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
       [bool(exact) if exact != "auto"
        else exact_lib.fits(chain, p, max_exact_bytes) for p in products],
       dtype=bool)
-  norms = np.zeros(len(products), np.float64)
   sources = ["exact" if e else "converged" for e in use_exact]
-  convergence = None
-  if products and not use_exact.all():
-    state, convergence = power_iteration.converge(
-        chain, state, key=key, rtol=rtol, max_iterations=max_iterations,
-        restarts=restarts)
-    norms[:] = convergence.norms
-  if use_exact.any():
-    chosen = [p for p, e in zip(products, use_exact) if e]
-    norms[use_exact] = exact_lib.product_norms(chain, chosen,
-                                               max_bytes=max_exact_bytes)
+  norms, state, convergence = _norms_by_source(
+      chain, state, products, use_exact, key=key, rtol=rtol,
+      max_iterations=max_iterations, restarts=restarts,
+      max_exact_bytes=max_exact_bytes)
   if safety_factor is None:
     factors = np.where(use_exact, EXACT_SAFETY_FACTOR,
                        CONVERGED_SAFETY_FACTOR)

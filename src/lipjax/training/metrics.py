@@ -1,4 +1,4 @@
-"""Process-0 JSONL metrics and progress bars.
+"""Process-0 JSONL training metrics.
 
 Every process computes the same metrics; only process 0 writes them, one
 JSON object per line in ``workdir/metrics.jsonl`` (step metrics with
@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
 import numpy as np
-import tqdm
 
 
 def _to_python(value):
@@ -49,18 +47,3 @@ class MetricWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
-
-
-def progress_bar(*, total: int, initial: int, description: str,
-                 enabled: bool = True):
-  """A tqdm bar on stderr, only on process 0 and only when enabled."""
-  return tqdm.tqdm(total=total, initial=initial, desc=description,
-                   disable=not (enabled and jax.process_index() == 0),
-                   file=sys.stderr, dynamic_ncols=True, leave=True,
-                   mininterval=0.5)
-
-
-def log(message: str) -> None:
-  """A line on stderr from process 0 (tqdm-safe)."""
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(message, file=sys.stderr)

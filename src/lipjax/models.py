@@ -101,6 +101,43 @@ def normalize_spec(spec: Sequence) -> tuple:
   return spec
 
 
+def _input_normalization(input_mean, input_std, *, channels: int
+                         ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel ``(mean, std)``, defaults 0 and 1, checked."""
+  mean = (0.0,) * channels if input_mean is None else tuple(
+      float(m) for m in input_mean)
+  std = (1.0,) * channels if input_std is None else tuple(
+      float(s) for s in input_std)
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(f"input_mean and input_std need one value per input "
+                     f"channel ({channels}), got {mean} and {std}.")
+  if min(std) <= 0:
+    raise ValueError(f"input_std must be positive, got {std}.")
+  return mean, std
+
+
+def _conv_layer(layer, shape, *, rngs: nnx.Rngs, where: str, input_shape):
+  """An ``nnx.Conv`` for a ``("conv", ...)`` spec on an ``(H, W, C)`` input.
+
+  Returns:
+    ``(conv, output_shape)``.
+  """
+  _, features, kernel, stride, pad = layer
+  height, width, c_in = shape
+  out_h = (height + 2 * pad - kernel) // stride + 1
+  out_w = (width + 2 * pad - kernel) // stride + 1
+  if out_h < 1 or out_w < 1:
+    raise ValueError(
+        f"{where} gets a {height}x{width} input, too small "
+        f"for a {kernel}x{kernel} kernel with padding {pad}: the "
+        f"architecture does not fit input_shape {input_shape}.")
+  init = _torch_default_init(kernel * kernel * c_in)
+  conv = nnx.Conv(c_in, features, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), kernel_init=init,
+                  bias_init=init, rngs=rngs)
+  return conv, (out_h, out_w, features)
+
+
 class SequentialNet(nnx.Module):
   """Conv layers, then dense layers, with one activation between layers.
 
@@ -127,16 +164,8 @@ class SequentialNet(nnx.Module):
       raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
     num_classes = int(num_classes)
     activations.get_activation(activation)  # validates the name
-    channels = input_shape[-1]
-    mean = (0.0,) * channels if input_mean is None else tuple(
-        float(m) for m in input_mean)
-    std = (1.0,) * channels if input_std is None else tuple(
-        float(s) for s in input_std)
-    if len(mean) != channels or len(std) != channels:
-      raise ValueError(f"input_mean and input_std need one value per input "
-                       f"channel ({channels}), got {mean} and {std}.")
-    if min(std) <= 0:
-      raise ValueError(f"input_std must be positive, got {std}.")
+    mean, std = _input_normalization(input_mean, input_std,
+                                     channels=input_shape[-1])
 
     self.spec = spec
     self.input_shape = input_shape
@@ -151,25 +180,13 @@ class SequentialNet(nnx.Module):
     for k, layer in enumerate(spec):
       shapes.append(shape)
       if layer[0] == "conv":
-        _, features, kernel, stride, pad = layer
-        height, width, c_in = shape
-        out_h = (height + 2 * pad - kernel) // stride + 1
-        out_w = (width + 2 * pad - kernel) // stride + 1
-        if out_h < 1 or out_w < 1:
-          raise ValueError(
-              f"Layer {k} {layer} gets a {height}x{width} input, too small "
-              f"for a {kernel}x{kernel} kernel with padding {pad}: the "
-              f"architecture does not fit input_shape {input_shape}.")
-        fan_in = kernel * kernel * c_in
-        init = _torch_default_init(fan_in)
-        layers.append(nnx.Conv(
-            c_in, features, (kernel, kernel), strides=(stride, stride),
-            padding=((pad, pad), (pad, pad)), kernel_init=init,
-            bias_init=init, rngs=rngs))
+        conv, shape = _conv_layer(layer, shape, rngs=rngs,
+                                  where=f"Layer {k} {layer}",
+                                  input_shape=input_shape)
+        layers.append(conv)
         if self.batch_norm:
-          norms.append(nnx.BatchNorm(features, use_running_average=True,
+          norms.append(nnx.BatchNorm(shape[-1], use_running_average=True,
                                      rngs=rngs))
-        shape = (out_h, out_w, features)
       else:
         fan_in = math.prod(shape)
         features = num_classes if layer[1] is None else layer[1]
