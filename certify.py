@@ -1,4 +1,4 @@
-"""Certify a trained workdir: sound bound, certified/PGD accuracy, audit.
+"""Certify a trained workdir: certified bound, certified/PGD accuracy, audit.
 
 This file is intentionally short: the logic lives in lipjax.certification,
 where tests can import it.
@@ -27,9 +27,16 @@ flags.DEFINE_list("eps", None, "Comma-separated L2 radii; default: the "
                   "dataset's list plus the config's eval.eps.")
 flags.DEFINE_enum("split", "test", ["test", "validation", "train"],
                   "Which split to certify.")
-flags.DEFINE_bool("exact", False, "Exact norms for every product; fail if a "
-                  "Gram matrix exceeds --max_exact_gib (default: exact where "
-                  "it fits, converged power iteration elsewhere).")
+flags.DEFINE_bool("exact", False, "Exact norms for every product (a "
+                  "deterministic certificate); fail if a Gram matrix exceeds "
+                  "--max_exact_gib. Default: exact where it fits, float64 "
+                  "Lanczos from fresh random starts elsewhere (fails with "
+                  "probability at most --delta).")
+flags.DEFINE_float("delta", 1e-9, "Failure probability of the whole "
+                   "certificate over the Lanczos start vectors.")
+flags.DEFINE_integer("bound_seed", None, "Seed of the Lanczos start vectors "
+                     "(default: fresh from the OS; the report records it). "
+                     "Pass a report's seed to replay its bound bit for bit.")
 flags.DEFINE_float("max_exact_gib", 4.0, "Memory limit of one exact Gram "
                    "matrix, GiB.")
 flags.DEFINE_bool("normalized_units", False, "--eps and the report in units "
@@ -43,8 +50,7 @@ flags.DEFINE_bool("attack_certified", False, "Also attack points certified "
                   "anyway).")
 flags.DEFINE_integer("batch_size", None, "Default: config.eval.batch_size.")
 flags.DEFINE_integer("num_examples", None, "Only the first N examples.")
-flags.DEFINE_integer("seed", 0, "Seed of the attacks and power-iteration "
-                     "restarts.")
+flags.DEFINE_integer("seed", 0, "Seed of the PGD attacks.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the saved "
                     "config's, else $TFDS_DATA_DIR).")
 flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
@@ -70,7 +76,8 @@ def main(argv):
         normalized_units=FLAGS.normalized_units, pgd_steps=FLAGS.pgd_steps,
         pgd_restarts=FLAGS.pgd_restarts,
         attack_certified=FLAGS.attack_certified, batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed, num_examples=FLAGS.num_examples,
+        seed=FLAGS.seed, delta=FLAGS.delta, bound_seed=FLAGS.bound_seed,
+        num_examples=FLAGS.num_examples,
         data_dir=FLAGS.data_dir, bound_scale=FLAGS.bound_scale,
         progress=FLAGS.progress)
   except (FileNotFoundError, ValueError, MemoryError,

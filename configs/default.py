@@ -83,7 +83,7 @@ def get_config():
   c.eval.batch_size = 1024
   c.eval.eps = (1.58,)            # certification radii, pixel units
   c.eval.power_iterations = 50    # extra warm-started iterations for eval L
-  c.eval.final_test = True        # converged bound + test split at the end
+  c.eval.final_test = True        # certified (Lanczos) bound + test split at the end
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

@@ -25,6 +25,7 @@ margins_over_lipschitz = jax.jit(radii.margins_over_lipschitz)
 certified_radius = jax.jit(radii.certified_radius)
 certified_accuracy = jax.jit(radii.certified_accuracy)
 clean_accuracy = jax.jit(radii.clean_accuracy)
+is_certified = jax.jit(radii.is_certified)
 cross_entropy = jax.jit(losses.cross_entropy)
 crm_loss = jax.jit(losses.crm_loss,
                    static_argnames=("form", "regularize_misclassified"))
@@ -129,14 +130,45 @@ def test_strict_at_boundary():
 
 
 def test_zero_off_diagonal_bound():
-  # L_01 = 0: f_0 - f_1 is constant, so a positive margin holds everywhere.
+  # L_01 = 0 would mean f_0 - f_1 is constant; certification does not take
+  # a bound's word for that: a bound <= 0 never certifies (fail closed).
   logits = jnp.array([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]])
   labels = jnp.array([0, 0, 0])
   radius = certified_radius(logits, labels, jnp.zeros((2, 2)))
-  np.testing.assert_array_equal(radius, [np.inf, -np.inf, 0.0])
-  np.testing.assert_allclose(
-      certified_accuracy(logits, labels, jnp.zeros((2, 2)), 100.0),
-      1.0 / 3.0, rtol=1e-6)
+  np.testing.assert_array_equal(radius, [0.0, -np.inf, 0.0])
+  assert float(certified_accuracy(logits, labels, jnp.zeros((2, 2)),
+                                  0.0)) == 0.0
+  # Training's per-class radii keep the limit (+inf) for the CRM loss.
+  np.testing.assert_array_equal(
+      margins_over_lipschitz(logits, labels, jnp.zeros((2, 2)))[:, 1],
+      [np.inf, -np.inf, 0.0])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("form", ["global", "per_class", "pairwise"])
+def test_invalid_bounds_never_certify(bad, form):
+  logits = jnp.array([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0]])
+  labels = jnp.array([0, 1])
+  if form == "global":
+    lip = jnp.asarray(bad)
+  elif form == "per_class":
+    lip = jnp.array([1.0, bad, 1.0])
+  else:
+    lip = jnp.ones((3, 3)).at[0, 1].set(bad).at[1, 0].set(bad)
+  radius = np.asarray(certified_radius(logits, labels, lip))
+  assert np.all(radius <= 0)  # Both rows involve the bad bound.
+  for eps in (0.0, 1e-3, 1.0):
+    assert float(certified_accuracy(logits, labels, lip, eps)) == 0.0
+
+
+def test_non_finite_logits_or_eps_never_certify():
+  logits = jnp.array([[9.0, jnp.nan], [9.0, jnp.inf], [9.0, 0.0]])
+  labels = jnp.zeros(3, jnp.int32)
+  radius = np.asarray(certified_radius(logits, labels, 1.0))
+  assert np.all(radius[:2] <= 0) and radius[2] > 0
+  np.testing.assert_array_equal(
+      is_certified(logits, labels, 1.0, jnp.array([0.1])), [[0, 0, 1]])
+  assert not np.any(is_certified(logits, labels, 1.0, jnp.array([np.nan])))
 
 
 def test_mask():

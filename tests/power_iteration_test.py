@@ -412,89 +412,6 @@ def test_no_gradient_through_iterate():
                                atol=1e-6)
 
 
-# ---------------------------------------------------------- converge ------
-
-
-@pytest.mark.parametrize("chain_name,restarts", [("dense", 2), ("conv", 0)])
-def test_converge_reaches_exact_norms(chain_name, restarts):
-  chain = _chain(chain_name)
-  products = _liplt(4)
-  exact = _exact(chain_name, products)
-  state = power_iteration.init(chain, products, _key(16))
-  new_state, info = power_iteration.converge(
-      chain, state, key=_key(17), restarts=restarts)
-
-  assert isinstance(info, power_iteration.ConvergenceInfo)
-  assert info.products == state.products == new_state.products
-  assert info.norms.shape == (len(products),)
-  assert info.per_start.shape == (restarts + 1, len(products))
-  np.testing.assert_array_equal(info.norms, info.per_start.max(axis=0))
-  assert np.all(info.norms <= exact * (1 + 1e-5))
-  np.testing.assert_allclose(info.norms, exact, rtol=1e-4)
-  assert info.converged is True
-  assert 2 <= info.iterations < 2000
-  assert info.residuals.shape == info.relative_change.shape == exact.shape
-  assert np.all(info.residuals < 1e-2)
-  assert np.all(info.relative_change <= 1e-6)
-  # The returned vectors are unit, shaped like the input state, and
-  # re-estimate to info.norms.
-  for a, b in zip(state.vectors, new_state.vectors):
-    assert a.shape == b.shape
-  for row in _rows(new_state).values():
-    assert np.linalg.norm(row) == pytest.approx(1.0, rel=1e-5)
-  np.testing.assert_allclose(_estimate(chain, new_state), info.norms,
-                             rtol=1e-5)
-
-  # Warm-started again from the converged vectors: row 0 (the warm start)
-  # is already at the norms, and the loop stops no later than before.
-  _, again = power_iteration.converge(chain, new_state, key=_key(18),
-                                      restarts=restarts)
-  np.testing.assert_allclose(again.per_start[0], exact, rtol=1e-4)
-  assert again.converged is True
-  assert again.iterations <= info.iterations
-
-
-def test_converge_short_run_matches_reference():
-  # restarts=0 and two iterations: the vectors are those of iterate(), and
-  # the reported norms, residuals and changes follow their definitions.
-  chain = _chain("conv")
-  state = power_iteration.init(chain, _SPARSE, _key(19))
-  new_state, info = power_iteration.converge(
-      chain, state, key=_key(20), rtol=1e-12, max_iterations=2, restarts=0)
-  assert info.iterations == 2
-  assert info.converged is False
-  expected = _iterate(chain, state, 2)
-  for a, b in zip(new_state.vectors, expected.vectors):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-
-  _, s1 = _reference_iteration("conv", state, 1)
-  v2, s2 = _reference_iteration("conv", state, 2)
-  for i, (s, e) in enumerate(state.products):
-    p = _matrix("conv", s, e)
-    sigma = s2[(s, e)]
-    assert info.norms[i] == pytest.approx(sigma, rel=1e-5)
-    assert info.relative_change[i] == pytest.approx(
-        abs(sigma - s1[(s, e)]) / sigma, rel=1e-3, abs=1e-6)
-    v = v2[(s, e)]
-    residual = np.linalg.norm(p.T @ (p @ v) - sigma**2 * v) / sigma**2
-    assert residual > 1e-3  # far from converged: a meaningful comparison
-    assert info.residuals[i] == pytest.approx(residual, rel=1e-3)
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(restarts=-1),
-    dict(max_iterations=0),
-    dict(rtol=0.0),
-    dict(rtol=-1e-3),
-    dict(rtol=float("nan")),
-])
-def test_converge_rejects_bad_arguments(kwargs):
-  chain = _chain("dense")
-  state = power_iteration.init(chain, _SPARSE, _key())
-  with pytest.raises(ValueError):
-    power_iteration.converge(chain, state, key=_key(1), **kwargs)
-
-
 # ------------------------------------------------ state/chain mismatch ----
 
 
@@ -507,8 +424,6 @@ def test_mismatched_state_raises_architecture_error():
     power_iteration.estimate(chain, state)
   with pytest.raises(ValueError, match="architecture"):
     power_iteration.iterate(chain, state, 1)
-  with pytest.raises(ValueError, match="architecture"):
-    power_iteration.converge(chain, state, key=_key())
 
 
 def test_conv_state_on_dense_chain_raises_architecture_error():

@@ -1,8 +1,7 @@
-"""The unrolled / host-chunked power iteration equals the looped one.
+"""The unrolled power iteration equals the looped one.
 
-``iterate`` unrolls up to ``UNROLL_LIMIT`` steps and ``converge`` runs
-jitted chunks of ``CONVERGE_CHUNK`` masked steps (both for speed on CPU, see
-BENCHMARKS.md); these must not change any result.
+``iterate`` unrolls up to ``UNROLL_LIMIT`` steps (for speed on CPU, see
+BENCHMARKS.md); that must not change any result.
 """
 
 import jax
@@ -33,23 +32,3 @@ def test_unrolled_iterate_equals_fori_loop(monkeypatch, num_iterations):
   looped = power_iteration.iterate(chain, state, num_iterations)
   for a, b in zip(unrolled.vectors, looped.vectors):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("chunk", [1, 3])
-@pytest.mark.parametrize("rtol,max_iterations", [(1e-6, 2000), (1e-12, 5)])
-def test_converge_does_not_depend_on_chunk(monkeypatch, chunk, rtol,
-                                           max_iterations):
-  chain = _chain()
-  state = power_iteration.init(chain, _products(), jax.random.key(1))
-  kwargs = dict(key=jax.random.key(2), rtol=rtol,
-                max_iterations=max_iterations, restarts=1)
-  _, default = power_iteration.converge(chain, state, **kwargs)
-  monkeypatch.setattr(power_iteration, "CONVERGE_CHUNK", chunk)
-  _, other = power_iteration.converge(chain, state, **kwargs)
-  assert other.iterations == default.iterations
-  assert other.converged == default.converged
-  if max_iterations == 5:
-    assert default.iterations == 5
-  np.testing.assert_allclose(other.per_start, default.per_start, rtol=1e-6)
-  np.testing.assert_allclose(other.residuals, default.residuals, rtol=1e-4,
-                             atol=1e-7)

@@ -24,12 +24,13 @@ from lipjax import activations
 from lipjax import bounds
 from lipjax import certification
 from lipjax import exact
+from lipjax import guarantee
+from lipjax import lanczos
 from lipjax import linear_maps
 from lipjax import models
 from lipjax import power_iteration
 from lipjax.activations import ACTIVATIONS
 from lipjax.api import BoundInfo
-from lipjax.api import CONVERGED_SAFETY_FACTOR
 from lipjax.api import EXACT_SAFETY_FACTOR
 from lipjax.api import bound
 from lipjax.api import init_power_state
@@ -48,7 +49,7 @@ from lipjax.linear_maps import LinearOp
 from lipjax.linear_maps import from_matrices
 from lipjax.linear_maps import from_model
 from lipjax.linear_maps import to_chain
-from lipjax.power_iteration import ConvergenceInfo
+from lipjax.norm_certificates import NormCertificate
 from lipjax.power_iteration import PowerState
 
 __version__ = "0.1.0"
@@ -56,11 +57,10 @@ __version__ = "0.1.0"
 __all__ = (
     "ACTIVATIONS",
     "BoundInfo",
-    "CONVERGED_SAFETY_FACTOR",
-    "ConvergenceInfo",
     "EXACT_SAFETY_FACTOR",
     "LinearChain",
     "LinearOp",
+    "NormCertificate",
     "PowerState",
     "activations",
     "bound",
@@ -71,6 +71,8 @@ __all__ = (
     "certified_radius",
     "clean_accuracy",
     "exact",
+    "guarantee",
+    "lanczos",
     "from_matrices",
     "from_model",
     "init_power_state",

@@ -1,25 +1,24 @@
 """The one-call entry point: ``lipjax.bound(network, ...)``.
 
-Three ways to get the product norms a bound needs, chosen by the arguments:
+Two uses, chosen by the arguments:
 
 * ``iterations=k`` (training): ``k`` warm-started power-iteration steps from
   ``state`` (or fresh vectors), then the differentiable estimate
   ``||P sg(v)||``. Pure and traceable: call it inside ``jax.jit`` and
   ``jax.grad``. The estimates are lower bounds of the norms, so the result is
   *not* a certificate.
-* default (``iterations=None``): power iteration converged to ``rtol`` from
-  the warm vectors and ``restarts`` fresh random ones, max over them, each
-  norm multiplied by ``safety_factor`` (default 1.01, see below).
-* ``exact=True``: float64 Gram-matrix norms (:mod:`lipjax.exact`) times
-  ``1 + 1e-5``; a ``MemoryError`` names the product that is too large.
-  ``exact="auto"`` uses exact norms where they fit in ``max_exact_bytes``
-  and converged iteration elsewhere.
+* default (``iterations=None``): a **certified** bound. Every product norm is
+  an upper bound from :mod:`lipjax.norm_certificates`: exact float64 Gram
+  norms (``exact=True``, or ``"auto"`` where they fit in
+  ``max_exact_bytes``) or float64 Lanczos from fresh random starts with the
+  Kuczynski-Wozniakowski factor, so that the whole bound holds with
+  probability at least ``1 - delta`` over the start vectors (the seed is
+  recorded; ``exact=True`` has no probability at all). The bound is
+  assembled in float64 and rounded up to float32. ``return_info=True``
+  returns a :class:`BoundInfo` that says, per product and overall, what the
+  guarantee rests on.
 
-Why 1.01: converged power iteration stops when the estimate changes by less
-than ``rtol`` per step; with a ratio ``rho = (sigma_2/sigma_1)^2`` between the
-top two squared singular values the remaining error is about
-``rtol / (1 - rho)``, which 1 % covers for ``rho`` up to ``1 - 1e-4``. It is
-not a proof; exact norms are.
+Non-finite weights raise in the certified mode instead of giving a bound.
 """
 
 from __future__ import annotations
@@ -33,24 +32,26 @@ import numpy as np
 
 from lipjax import bounds as bounds_lib
 from lipjax import exact as exact_lib
+from lipjax import guarantee
 from lipjax import linear_maps
+from lipjax import norm_certificates
 from lipjax import power_iteration
 
-CONVERGED_SAFETY_FACTOR = 1.01
-EXACT_SAFETY_FACTOR = 1.0 + 1e-5
+EXACT_SAFETY_FACTOR = norm_certificates.EXACT_SAFETY_FACTOR
 
 
 @dataclasses.dataclass(frozen=True)
 class BoundInfo:
-  """How a bound was computed, per product (for reports).
+  """How a certified bound was computed, per product (for reports).
 
   Attributes:
     method, kind: as requested.
     products: the ``(s, e)`` pairs whose norms were used.
     norms: the norms used, before the safety factor (float64 ``[P]``).
-    sources: per product, ``"exact"``, ``"converged"`` or ``"iterated"``.
+    sources: per product, ``"exact"`` or ``"lanczos"``.
     safety_factor: per product, the factor applied to its norm.
-    convergence: the power-iteration report, or None if none ran.
+    certificate: the per-product :class:`NormCertificate` (Lanczos steps,
+      KW epsilon, failure probability, seed).
   """
   method: str
   kind: str
@@ -58,7 +59,29 @@ class BoundInfo:
   norms: np.ndarray
   sources: tuple[str, ...]
   safety_factor: np.ndarray
-  convergence: power_iteration.ConvergenceInfo | None
+  certificate: norm_certificates.NormCertificate
+
+  @property
+  def guarantee(self) -> str:
+    """What the bound rests on, in one sentence (with the seed)."""
+    return self.certificate.guarantee
+
+  @property
+  def seed(self) -> int | None:
+    return self.certificate.seed
+
+  def summary(self) -> str:
+    """A labelled table: one line per product, then the guarantee."""
+    lines = [f"{self.method} {self.kind} bound; product norms:",
+             f"  {'product':<14}{'source':<9}{'norm':>12}{'factor':>11}"
+             f"{'steps':>7}{'epsilon':>10}{'delta':>10}"]
+    for row in self.certificate.rows():
+      lines.append(f"  {row['layers']:<14}{row['source']:<9}"
+                   f"{row['norm']:>12.6g}{row['factor']:>11.6f}"
+                   f"{row['steps']:>7}{row['epsilon']:>10.2e}"
+                   f"{row['delta']:>10.2e}")
+    lines.append(f"guarantee: {self.guarantee}")
+    return "\n".join(lines)
 
 
 def _resolve_network(network, graphdef, slopes):
@@ -152,25 +175,33 @@ def _training_bound(chain, state, iterations: int, *, method, kind, diagonal,
   return value, state
 
 
-def _norms_by_source(chain, state, products, use_exact: np.ndarray, *, key,
-                     rtol, max_iterations, restarts, max_exact_bytes):
-  """float64 norms: exact where ``use_exact``, converged iteration elsewhere.
-
-  Returns:
-    ``(norms [P], state, convergence or None)``.
-  """
-  norms = np.zeros(len(products), np.float64)
-  convergence = None
-  if products and not use_exact.all():
-    state, convergence = power_iteration.converge(
-        chain, state, key=key, rtol=rtol, max_iterations=max_iterations,
-        restarts=restarts)
-    norms[:] = convergence.norms
-  if use_exact.any():
-    chosen = [p for p, e in zip(products, use_exact) if e]
-    norms[use_exact] = exact_lib.product_norms(chain, chosen,
-                                               max_bytes=max_exact_bytes)
-  return norms, state, convergence
+def _certified_bound(chain, products, *, method, kind, exact, delta, seed,
+                     target_factor, max_steps, safety_factor, diagonal,
+                     large_class_threshold, max_exact_bytes, progress):
+  """The certified mode of :func:`bound`; returns ``(value, info)``."""
+  if exact not in (False, True, "auto"):
+    raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
+  use_exact = np.asarray(
+      [bool(exact) if exact != "auto"
+       else exact_lib.fits(chain, p, max_exact_bytes) for p in products],
+      dtype=bool)
+  if safety_factor is not None and not use_exact.all():
+    raise ValueError(
+        "safety_factor replaces the factor of exact norms only (exact=True); "
+        "the randomized certificate sets its own factor from delta.")
+  certificate = norm_certificates.certify_norms(
+      chain, products, use_exact=use_exact, delta=delta, seed=seed,
+      target_factor=target_factor, max_steps=max_steps,
+      max_exact_bytes=max_exact_bytes, progress=progress)
+  factors = (certificate.factors if safety_factor is None
+             else np.full(len(products), float(safety_factor)))
+  value = jnp.asarray(assemble_bound_float64(
+      chain, certificate.norms * factors, method=method, kind=kind,
+      diagonal=diagonal, large_class_threshold=large_class_threshold))
+  info = BoundInfo(method=method, kind=kind, products=products,
+                   norms=certificate.norms, sources=certificate.sources,
+                   safety_factor=factors, certificate=certificate)
+  return value, info
 
 
 def bound(network, *, method: str = "liplt", kind: str = "pairwise",
@@ -178,11 +209,13 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
           state: power_iteration.PowerState | None = None,
           key: jax.Array | None = None, return_state: bool = False,
           return_info: bool = False, exact: bool | str = False,
-          rtol: float = 1e-6, max_iterations: int = 2000, restarts: int = 2,
+          delta: float = guarantee.DEFAULT_DELTA, seed: int | None = None,
+          target_factor: float = guarantee.DEFAULT_TARGET_FACTOR,
+          max_steps: int = guarantee.DEFAULT_MAX_STEPS,
           safety_factor: float | None = None, diagonal: float = 0.0,
           large_class_threshold: int = bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD,
           max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
-          slopes=None, graphdef=None):
+          slopes=None, graphdef=None, progress: bool = False):
   """A Lipschitz bound of a network: global, per class or per class pair.
 
   Example::
@@ -190,8 +223,9 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
     L = lipjax.bound([W0, W1, W2], method="liplt", kind="pairwise")  # [K, K]
     model = lipjax.models.build("4C3F", num_classes=10,
                                 input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
-    L = lipjax.bound(model)                        # converged, x safety factor
-    L = lipjax.bound(model, exact=True)            # float64 Gram norms
+    L, info = lipjax.bound(model, return_info=True)  # P(fail) <= 1e-9
+    print(info.summary())                          # per product + guarantee
+    L = lipjax.bound(model, exact=True)            # deterministic
     L, state = lipjax.bound(model, iterations=5, state=state,
                             return_state=True)     # training, inside jit
 
@@ -203,76 +237,79 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
     kind: ``"pairwise"`` -> ``[K, K]`` symmetric, ``"per_class"`` -> ``[K]``,
       ``"global"`` -> scalar.
     iterations: training mode: this many warm-started power-iteration steps
-      and a differentiable, *uncertified* estimate. None: converged mode.
-    state: warm-start vectors (:func:`init_power_state` or a previous call).
-    key: PRNG key for fresh vectors and restarts (default ``key(0)``).
-    return_state: also return the updated :class:`PowerState`.
+      and a differentiable, *uncertified* estimate. None: certified mode.
+    state: warm-start vectors (:func:`init_power_state` or a previous call);
+      training mode only (a certificate never starts from them).
+    key: PRNG key of fresh training vectors (default ``key(0)``).
+    return_state: also return the (training) :class:`PowerState`.
     return_info: also return a :class:`BoundInfo` (not in training mode).
-    exact: True for float64 Gram-matrix norms everywhere, ``"auto"`` for
-      exact norms where they fit in ``max_exact_bytes``.
-    rtol, max_iterations, restarts: converged-mode power iteration settings.
-    safety_factor: multiplies every product norm; defaults to 1 in training
-      mode, 1.01 for converged iteration and 1 + 1e-5 for exact norms.
+    exact: True for float64 Gram-matrix norms everywhere (deterministic),
+      ``"auto"`` for exact norms where they fit in ``max_exact_bytes`` and
+      Lanczos elsewhere, False for Lanczos everywhere.
+    delta: the certificate's failure probability over the Lanczos start
+      vectors, split evenly over the Lanczos products.
+    seed: seed of the Lanczos start vectors; None (default) draws a fresh one
+      from the operating system. Recorded in ``info.seed``; passing it again
+      reproduces the bound bit for bit.
+    target_factor: Lanczos runs until every norm's certified factor is at
+      most this (``max_steps`` caps it; the factor reached is reported).
+    max_steps: cap on the Lanczos Krylov dimension.
+    safety_factor: replaces the per-norm factor in training mode (default 1)
+      and for exact norms (default 1 + 1e-5).
     diagonal: the pairwise matrix's diagonal (CRM training uses 1).
     large_class_threshold: pairwise LipLT with more classes than this uses
-      the large-class fallback (SPEC §3.3).
+      the large-class fallback.
     max_exact_bytes: memory limit for one exact Gram matrix.
     slopes: override the activation's slope interval ``(alpha, beta)``.
     graphdef: with ``network`` a params state (or a tuple of states), the
       ``nnx`` graphdef to merge them with.
+    progress: progress bars for the certified mode's norms.
 
   Returns:
     ``L``, or a tuple ``(L, state)`` / ``(L, info)`` / ``(L, state, info)``
     as requested.
+
+  Raises:
+    ValueError: bad arguments, or non-finite weights in the certified mode.
+    MemoryError: ``exact=True`` and a Gram matrix exceeds the limit.
   """
   bounds_lib.check_method_kind(method, kind)
   chain = _resolve_network(network, graphdef, slopes)
   products = bounds_lib.required_products(chain.num_layers, method=method,
                                           kind=kind)
-  key = jax.random.key(0) if key is None else key
-  if products and state is None:
-    init_key, key = jax.random.split(key)
-    state = power_iteration.init(chain, products, init_key)
-  if state is not None and state.products != products:
-    raise ValueError(
-        f"The power-iteration state holds products {state.products}, but a "
-        f"{method} {kind} bound of this network needs {products}. Create it "
-        "with lipjax.init_power_state(network, method=..., kind=...).")
-
   if iterations is not None:
     if exact or return_info:
       raise ValueError("iterations=... (training mode) cannot be combined "
                        "with exact=... or return_info=True.")
+    key = jax.random.key(0) if key is None else key
+    if products and state is None:
+      init_key, _ = jax.random.split(key)
+      state = power_iteration.init(chain, products, init_key)
+    _check_state_products(state, products, method, kind)
     value, state = _training_bound(
         chain, state, iterations, method=method, kind=kind,
         diagonal=diagonal, safety_factor=safety_factor,
         large_class_threshold=large_class_threshold)
     return (value, state) if return_state else value
 
-  if exact not in (False, True, "auto"):
-    raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
-  use_exact = np.asarray(
-      [bool(exact) if exact != "auto"
-       else exact_lib.fits(chain, p, max_exact_bytes) for p in products],
-      dtype=bool)
-  sources = ["exact" if e else "converged" for e in use_exact]
-  norms, state, convergence = _norms_by_source(
-      chain, state, products, use_exact, key=key, rtol=rtol,
-      max_iterations=max_iterations, restarts=restarts,
-      max_exact_bytes=max_exact_bytes)
-  if safety_factor is None:
-    factors = np.where(use_exact, EXACT_SAFETY_FACTOR,
-                       CONVERGED_SAFETY_FACTOR)
-  else:
-    factors = np.full(len(products), float(safety_factor))
-  value = jnp.asarray(assemble_bound_float64(
-      chain, norms * factors, method=method, kind=kind, diagonal=diagonal,
-      large_class_threshold=large_class_threshold))
+  _check_state_products(state, products, method, kind)
+  value, info = _certified_bound(
+      chain, products, method=method, kind=kind, exact=exact, delta=delta,
+      seed=seed, target_factor=target_factor, max_steps=max_steps,
+      safety_factor=safety_factor, diagonal=diagonal,
+      large_class_threshold=large_class_threshold,
+      max_exact_bytes=max_exact_bytes, progress=progress)
   outputs = [value]
   if return_state:
     outputs.append(state)
   if return_info:
-    outputs.append(BoundInfo(method=method, kind=kind, products=products,
-                             norms=norms, sources=tuple(sources),
-                             safety_factor=factors, convergence=convergence))
+    outputs.append(info)
   return tuple(outputs) if len(outputs) > 1 else value
+
+
+def _check_state_products(state, products, method, kind) -> None:
+  if state is not None and state.products != products:
+    raise ValueError(
+        f"The power-iteration state holds products {state.products}, but a "
+        f"{method} {kind} bound of this network needs {products}. Create it "
+        "with lipjax.init_power_state(network, method=..., kind=...).")

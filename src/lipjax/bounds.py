@@ -175,8 +175,9 @@ def liplt_bound(chain: LinearChain, norms: jax.Array, *, kind: str,
   """Loop-transformed bound (SPEC §3.2–§3.3).
 
   For ``kind="pairwise"`` with more than ``large_class_threshold`` classes
-  the last step falls back to ``||w_i - w_j|| m_{N-2}`` (SPEC §3.3, the
-  reference's Tiny-ImageNet path): sound, never tighter than full pairwise
+  the last step falls back to ``||w_i - w_j|| Lip(phi) m_{N-2}`` (the
+  reference's Tiny-ImageNet path, which omits ``Lip(phi)`` because its
+  activation is ReLU): sound, never tighter than full pairwise
   LipLT, and it avoids pushing K(K-1)/2 rows through every layer.
 
   Args:
@@ -196,8 +197,11 @@ def liplt_bound(chain: LinearChain, norms: jax.Array, *, kind: str,
     return liplt_layer_bounds(norms, products, chain.slopes, n)[-1]
   m = liplt_layer_bounds(norms, products, chain.slopes, n - 1)
   if kind == "pairwise" and chain.num_classes > large_class_threshold:
+    # ||w_i - w_j|| Lip(phi) m_{N-2}: the activation sits between m_{N-2}
+    # and the last layer.
     last = class_row_norms(chain, kind=kind, down_to=n - 1)[-1]
-    values = last * m[-1] if m else last
+    gain = activations.lipschitz_constant(chain.slopes)
+    values = last * (gain * m[-1]) if m else last
     return _assemble(values, kind, chain.num_classes, diagonal)
   a, c = activations.loop_transformation(chain.slopes)
   a = abs(a)

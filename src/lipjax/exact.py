@@ -96,7 +96,8 @@ def product_norm(chain: LinearChain, product: Product, *,
         f"needs a {size.side}x{size.side} float64 Gram matrix "
         f"({size.gram_bytes / 2**30:.2f} GiB), more than max_bytes="
         f"{max_bytes / 2**30:.2f} GiB. Raise max_bytes if the machine has "
-        "the memory, or use converged power iteration (exact=False).")
+        "the memory, or let Lanczos bound it (exact='auto' or False; a "
+        "randomized certificate with a stated failure probability).")
   input_side = size.in_dim <= size.out_dim
   shape = (chain.ops[s].in_shape if input_side else chain.ops[e].out_shape)
   side = size.side

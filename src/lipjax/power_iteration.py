@@ -1,11 +1,11 @@
 """Batched, warm-started power iteration for the norms of layer products.
 
 A bound needs the spectral norms of products ``P_{s,e} = W_e ... W_s`` for a
-static set of ``(s, e)`` pairs (SPEC §3.5). Each product keeps a persistent
-vector ``v_{s,e}`` shaped like the input of layer ``s``. One iteration for
-*all* products is one forward sweep and one adjoint sweep over the layers
-(SPEC §3.6): at layer ``i`` every row whose product contains ``i`` (``s <= i
-<= e``) is stacked into one batch and ``W_i`` (or ``W_i^T``) is applied once,
+static set of ``(s, e)`` pairs. Each product keeps a persistent vector
+``v_{s,e}`` shaped like the input of layer ``s``. One iteration for *all*
+products is one forward sweep and one adjoint sweep over the layers: at
+layer ``i`` every row whose product contains ``i`` (``s <= i <= e``) is
+stacked into one batch and ``W_i`` (or ``W_i^T``) is applied once,
 so an iteration costs ``O(L)`` batched layer calls however many products
 there are.
 
@@ -13,10 +13,9 @@ The vectors live in a :class:`PowerState` pytree that training carries from
 step to step (warm start) and checkpoints. Iterations run under
 ``stop_gradient``; :func:`estimate` then returns the differentiable
 ``||P sg(v)||``. Because ``||P v|| <= ||P||`` for a unit ``v``, every estimate
-is a *lower* bound of the norm: :func:`converge` iterates to a tolerance from
-the warm vectors and from fresh random restarts and keeps the max, but even
-that is not a proof; certification multiplies by a safety factor or uses
-:mod:`lipjax.exact`.
+is a *lower* bound of the norm: this module is for training only.
+Certification uses :mod:`lipjax.lanczos` (fresh random starts, a stated
+failure probability) or :mod:`lipjax.exact`.
 """
 
 from __future__ import annotations
@@ -32,11 +31,9 @@ from lipjax.linear_maps import LinearChain
 
 Product = tuple[int, int]
 
-# iterate() unrolls up to this many steps; converge() runs jitted chunks of
-# CONVERGE_CHUNK unrolled steps from a host loop. Both avoid XLA while loops,
-# whose bodies run the convolutions several times slower on CPU.
+# iterate() unrolls up to this many steps: XLA:CPU runs the convolutions of a
+# while-loop body several times slower than the same ops at the top level.
 UNROLL_LIMIT = 32
-CONVERGE_CHUNK = 8
 
 
 @jax.tree_util.register_dataclass
@@ -77,10 +74,21 @@ def _check_products(chain: LinearChain, products: Sequence[Product]):
 
 
 def _safe_norm(x: jax.Array, axes) -> jax.Array:
-  """Euclidean norm over ``axes`` with a zero (not NaN) gradient at 0."""
-  sumsq = jnp.sum(jnp.square(x), axis=axes)
-  positive = sumsq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sumsq, 1.0)), 0.0)
+  """Euclidean norm over ``axes``: scale-safe, zero (not NaN) gradient at 0.
+
+  Computed as ``m ||x / m||`` with ``m = max |x|`` (held constant for the
+  gradient), so squaring never over- or underflows: any finite ``x`` whose
+  norm is representable gets it.
+  """
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes,
+                                        keepdims=True))
+  positive = scale > 0
+  scaled = x / jnp.where(positive, scale, 1.0)
+  sumsq = jnp.sum(jnp.square(scaled), axis=axes)
+  scale = jnp.squeeze(scale, axis=axes)
+  nonzero = sumsq > 0
+  return jnp.where(nonzero, scale * jnp.sqrt(jnp.where(nonzero, sumsq, 1.0)),
+                   0.0)
 
 
 def _row_norms(x: jax.Array) -> jax.Array:
@@ -187,6 +195,10 @@ def _norms_from_forward(products, finished) -> jax.Array:
 def _step(chain: LinearChain, products, vectors):
   """One power-iteration step: ``v <- P^T P v / ||P^T P v||``.
 
+  The forward outputs ``P v`` are normalized before the adjoint sweep, so the
+  vectors stay of the size of ``||P||`` (never ``||P||^2``): no finite
+  weights over- or underflow them.
+
   Returns:
     (new unit vectors, ``||P v||`` for the *input* vectors ``[P]``, relative
     residual ``||P^T P v - sigma^2 v|| / sigma^2`` for the input vectors
@@ -194,16 +206,18 @@ def _step(chain: LinearChain, products, vectors):
   """
   finished = _forward(chain, products, vectors)
   sigma = _norms_from_forward(products, finished)
-  gram_v = _adjoint(chain, products, finished)
+  unit = {e: (_normalize_rows(y), labels)
+          for e, (y, labels) in finished.items()}
+  gram_v = _adjoint(chain, products, unit)  # P^T P v / sigma.
   # Residual per product, in the same product order as sigma.
   starts = _starts(products)
   residual_parts, order = [], []
   for s, v, w in zip(starts, vectors, gram_v):
     ids = [p for p, (ps, _) in enumerate(products) if ps == s]
-    sig2 = sigma[np.asarray(ids)] ** 2
+    sig = sigma[np.asarray(ids)]
     shape = (-1,) + (1,) * (v.ndim - 1)
-    residual = _row_norms(w - sig2.reshape(shape) * v)
-    residual_parts.append(residual / jnp.where(sig2 > 0, sig2, 1.0))
+    residual = _row_norms(w - sig.reshape(shape) * v)
+    residual_parts.append(residual / jnp.where(sig > 0, sig, 1.0))
     order += ids
   residual = jnp.concatenate(residual_parts)[np.argsort(np.asarray(order))]
   return tuple(_normalize_rows(w) for w in gram_v), sigma, residual
@@ -263,140 +277,3 @@ def _check_state(chain: LinearChain, state: PowerState) -> None:
           f"Power-iteration vectors for start layer {s} have shape "
           f"{tuple(v.shape)}, but this network needs {expected}: the state "
           "belongs to another architecture or bound kind.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvergenceInfo:
-  """What :func:`converge` did, per product (arrays of shape ``[P]``).
-
-  Attributes:
-    products: the ``(s, e)`` pairs.
-    norms: the max over starts of the final estimates (a lower bound).
-    per_start: ``[restarts + 1, P]`` final estimates; row 0 is the warm start.
-    residuals: relative residual ``||P^T P v - s^2 v|| / s^2`` of the best
-      start's vector.
-    relative_change: last relative change of the best start's estimate.
-    iterations: number of iterations run.
-    converged: whether, for every product, the winning start's last
-      relative change is <= rtol.
-  """
-  products: tuple[Product, ...]
-  norms: np.ndarray
-  per_start: np.ndarray
-  residuals: np.ndarray
-  relative_change: np.ndarray
-  iterations: int
-  converged: bool
-
-
-def _converge_init(chain, state, key, restarts):
-  # Candidates [restarts + 1, ...] per start group; row 0 is the warm start.
-  candidates = tuple(
-      jnp.concatenate([v[None]] + ([jax.random.normal(
-          k, (restarts,) + v.shape, v.dtype)] if restarts else []))
-      for v, k in zip(state.vectors, jax.random.split(
-          key, len(state.vectors))))
-  candidates = jax.vmap(lambda vs: tuple(_normalize_rows(v) for v in vs))(
-      candidates)
-  sigma0 = jnp.zeros((restarts + 1, len(state.products)),
-                     candidates[0].dtype)
-  return candidates, sigma0, sigma0, jnp.asarray(0)
-
-
-def _converge_chunk(chain, products, carry, rtol, max_iterations, steps):
-  """``steps`` unrolled iterations of the convergence loop.
-
-  Each step runs only while the loop condition holds (a masked update), so
-  the result is exactly that of a ``while_loop`` stopped at the same point.
-  Returns the new carry and whether the loop should go on.
-  """
-  step = jax.vmap(lambda vs: _step(chain, products, vs))
-
-  def cond(carry):
-    _, prev, sigma, it = carry
-    change = jnp.abs(sigma - prev) / jnp.where(sigma > 0, sigma, 1.0)
-    return (it < max_iterations) & ((it < 2) | (jnp.max(change) > rtol))
-
-  for _ in range(steps):
-    vecs, _, sigma, it = carry
-    active = cond(carry)
-    new_vecs, new_sigma, _ = step(vecs)
-    new = (new_vecs, sigma, new_sigma, it + 1)
-    carry = jax.tree_util.tree_map(
-        lambda n, o, a=active: jnp.where(a, n, o), new, carry)
-  return carry, cond(carry)
-
-
-def _converge_finish(chain, products, vecs, prev):
-  step = jax.vmap(lambda vs: _step(chain, products, vs))
-  # One more step measures the final vectors' norms and residuals.
-  _, sigma, residual = step(vecs)
-  change = jnp.abs(sigma - prev) / jnp.where(sigma > 0, sigma, 1.0)
-  best = jnp.argmax(sigma, axis=0)  # [P]
-  pick = lambda a: jnp.take_along_axis(a, best[None], axis=0)[0]
-  starts = _starts(products)
-  new_vectors = []
-  for s, v in zip(starts, vecs):
-    ids = np.asarray([p for p, (ps, _) in enumerate(products) if ps == s])
-    new_vectors.append(v[best[ids], np.arange(len(ids))])
-  return tuple(new_vectors), sigma, pick(residual), change
-
-
-_converge_init_jit = jax.jit(_converge_init, static_argnums=(3,))
-_converge_chunk_jit = jax.jit(_converge_chunk, static_argnums=(1, 3, 4, 5))
-_converge_finish_jit = jax.jit(_converge_finish, static_argnums=(1,))
-
-
-def _converge_impl(chain, state, key, rtol, max_iterations, restarts):
-  """The convergence loop, as jitted chunks driven from the host."""
-  products = state.products
-  carry = _converge_init_jit(chain, state, key, restarts)
-  steps = min(CONVERGE_CHUNK, max_iterations)
-  going = True
-  while going:
-    carry, going = _converge_chunk_jit(chain, products, carry, rtol,
-                                       max_iterations, steps)
-    going = bool(going)
-  vecs, _, prev, iterations = carry
-  vectors, sigma, residual, change = _converge_finish_jit(
-      chain, products, vecs, prev)
-  return vectors, sigma, residual, change, iterations
-
-
-def converge(chain: LinearChain, state: PowerState, *, key: jax.Array,
-             rtol: float = 1e-6, max_iterations: int = 2000,
-             restarts: int = 2) -> tuple[PowerState, ConvergenceInfo]:
-  """Iterates to a relative tolerance from the warm and fresh vectors.
-
-  All ``restarts + 1`` starts run together (vmapped) until the largest
-  relative change of any estimate drops below ``rtol`` or ``max_iterations``
-  is reached. Per product the largest final estimate wins. The result is still
-  a lower bound of each norm; see the module docstring.
-
-  Args:
-    chain: the network's linear chain.
-    state: warm-start vectors (e.g. from training).
-    key: ``jax.random.key`` for the fresh restarts.
-    rtol: relative tolerance on the change of the estimates.
-    max_iterations: iteration cap.
-    restarts: number of fresh random starts besides the warm one.
-
-  Returns:
-    ``(state, info)``: the best vectors per product, and a
-    :class:`ConvergenceInfo` whose ``norms`` are the estimates.
-  """
-  _check_state(chain, state)
-  if restarts < 0 or max_iterations < 1 or not rtol > 0:
-    raise ValueError("Need restarts >= 0, max_iterations >= 1 and rtol > 0.")
-  chain = jax.lax.stop_gradient(chain)
-  vectors, sigma, residual, change, iterations = _converge_impl(
-      chain, state, key, float(rtol), int(max_iterations), int(restarts))
-  sigma, change = np.asarray(sigma), np.asarray(change)
-  best = sigma.argmax(axis=0)
-  info = ConvergenceInfo(
-      products=state.products, norms=sigma.max(axis=0), per_start=sigma,
-      residuals=np.asarray(residual),
-      relative_change=change[best, np.arange(change.shape[1])],
-      iterations=int(iterations),
-      converged=bool(np.all(change[best, np.arange(change.shape[1])] <= rtol)))
-  return dataclasses.replace(state, vectors=vectors), info

@@ -58,7 +58,11 @@ def compute_logits(apply_fn, variables, dataset: data.Dataset, *,
   bar = progress_bar(total=len(dataset), initial=0,
                                    description="logits", enabled=progress)
   for idx, mask in index_batches(indices, batch_size):
-    logits = _logits(apply_fn, variables, augment.to_float(dataset.images[idx]))
+    # Full float32 matmuls (never TF32/bfloat16): the evaluation error bound
+    # of the certificates assumes them.
+    with jax.default_matmul_precision("highest"):
+      logits = _logits(apply_fn, variables,
+                       augment.to_float(dataset.images[idx]))
     out[idx[mask]] = np.asarray(logits)[mask]
     bar.update(int(mask.sum()))
   bar.close()

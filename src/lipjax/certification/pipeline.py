@@ -5,14 +5,16 @@
 1. :func:`lipjax.certification.workdir.restore`: ``config.json`` and an Orbax
    checkpoint into the model and the saved power-iteration vectors, without
    writing to the workdir;
-2. :func:`bound_phase`: a *sound* Lipschitz bound
+2. :func:`bound_phase`: the certifying Lipschitz bound
    (:func:`lipjax.certification.sound_bound.sound_bound`): exact float64
    Gram-matrix norms for every product whose Gram matrix fits
-   ``max_exact_bytes``, and for the others power iteration converged to a
-   tolerance from the saved vectors and fresh random restarts, max over the
-   starts, times :data:`lipjax.CONVERGED_SAFETY_FACTOR`. Training's few
-   warm-started iterations are never trusted: they only seed the restarts;
-3. :func:`certify_phase`: clean and certified accuracy at every ε, radii;
+   ``max_exact_bytes``, and for the others float64 Lanczos from fresh random
+   starts with a stated failure probability ``delta``. Training's
+   warm-started iterations are never used;
+3. :func:`certify_phase`: clean and certified accuracy at every ε, radii,
+   for the deployed float32 network: the float64 margins must exceed
+   ``L eps`` plus a bound on the float32 evaluation error at the point and
+   over its ball (:mod:`lipjax.certification.float32_error`);
 4. :func:`pgd_phase`: L2 PGD (:func:`lipjax.pgd_l2`) at every ε;
 5. :func:`audit_phase`: every certified point is attacked inside
    ``0.99 R_y(x)``; a success would disprove the bound (a soundness
@@ -32,12 +34,14 @@ import time
 import jax
 import numpy as np
 
+from lipjax import guarantee
 from lipjax.certification import batched
-from lipjax.certification import radii
+from lipjax.certification import float32_error
 from lipjax.certification import report
 from lipjax.certification import sound_bound
 from lipjax.certification import workdir as workdir_lib
-from lipjax.progress import log
+from lipjax.progress import log, progress_bar
+from lipjax.training import augment
 from lipjax.training import data
 
 # ε (pixel units) certified by default, per dataset; the config's
@@ -107,27 +111,61 @@ def _eps_in_pixels(config, eps, scale: float) -> np.ndarray:
   return eps_pixel
 
 
-def bound_phase(restored, *, exact, max_exact_gib: float, key: jax.Array,
-                bound_scale: float, progress: bool):
-  """The config's bound, sound; returns ``(bounds, bound_report, lip)``."""
+def bound_phase(restored, *, exact, max_exact_gib: float, delta: float,
+                bound_seed: int | None, bound_scale: float, progress: bool):
+  """The config's bound, certified; returns ``(bounds, bound_report, lip)``."""
   b = restored.config.bound
   bounds, bound_report = sound_bound.sound_bound(
-      restored.model, method=b.method, kind=b.kind, state=restored.power,
-      exact=exact, max_exact_bytes=int(max_exact_gib * 2**30),
-      large_class_threshold=b.large_class_threshold, key=key,
-      progress=progress)
+      restored.model, method=b.method, kind=b.kind, exact=exact,
+      max_exact_bytes=int(max_exact_gib * 2**30),
+      large_class_threshold=b.large_class_threshold, delta=delta,
+      seed=bound_seed, progress=progress)
   lip = bounds["bound"] * np.float32(bound_scale)
   bound_report["bound_scale"] = bound_scale
   return bounds, bound_report, lip
 
 
+def evaluation_error(restored, dataset, bounds, *, batch_size: int,
+                     scale: float, progress: bool
+                     ) -> float32_error.EvaluationError:
+  """The float32 evaluation error bound around every example, in batches.
+
+  ``scale`` multiplies the per-layer bounds (``bound_scale``, testing only).
+  """
+  model = restored.model
+  parts = []
+  bar = progress_bar(total=len(dataset), initial=0,
+                     description="float32 margin", enabled=progress)
+  for start in range(0, len(dataset), batch_size):
+    images = augment.to_float(dataset.images[start:start + batch_size])
+    parts.append(float32_error.logit_error_bounds(
+        model, images, bounds["layer_norms"] * scale,
+        bounds["lipschitz_to"] * scale))
+    bar.update(len(images))
+  bar.close()
+  return float32_error.EvaluationError(
+      elementwise=np.concatenate([e.elementwise for e in parts]),
+      l2=np.concatenate([e.l2 for e in parts]),
+      l2_slope=max(e.l2_slope for e in parts))
+
+
 def certify_phase(logits: np.ndarray, labels: np.ndarray, lip,
-                  eps_pixel: np.ndarray):
-  """Returns ``(correct [N], radius [N], certified [E, N])``."""
+                  eps_pixel: np.ndarray, error) -> dict:
+  """Certificates that cover the float32 evaluation, and without it.
+
+  Returns:
+    ``{"correct" [N], "radius" [N], "certified" [E, N],
+    "certified_exact_arithmetic" [E, N]}``: radii and certificates of the
+    deployed float32 network (float64 margins minus the evaluation error
+    bound), and for comparison those of the network in exact arithmetic.
+  """
   correct = np.argmax(logits, axis=1) == labels
-  radius = np.asarray(radii.certified_radius(logits, labels, lip))
-  certified = np.asarray(radii.is_certified(logits, labels, lip, eps_pixel))
-  return correct, radius, certified
+  radius, certified = float32_error.certify_float64(logits, labels, lip,
+                                                    error, eps_pixel)
+  _, exact_arithmetic = float32_error.certify_float64(logits, labels, lip,
+                                                      None, eps_pixel)
+  return {"correct": correct, "radius": radius, "certified": certified,
+          "certified_exact_arithmetic": exact_arithmetic}
 
 
 def pgd_phase(model_fn, dataset, eps_pixel, correct, certified, *, key,
@@ -220,6 +258,8 @@ def run(workdir: str, *, checkpoint: int | None = None,
         normalized_units: bool = False, pgd_steps: int = 50,
         pgd_restarts: int = 2, attack_certified: bool = False,
         batch_size: int | None = None, seed: int = 0,
+        delta: float = guarantee.DEFAULT_DELTA,
+        bound_seed: int | None = None,
         num_examples: int | None = None, data_dir: str | None = None,
         bound_scale: float = 1.0, progress: bool = True) -> dict:
   """Certifies a training workdir; returns the report (see module doc).
@@ -239,7 +279,11 @@ def run(workdir: str, *, checkpoint: int | None = None,
       the audit attacks every certified point anyway, inside 0.99 x its
       radius (a larger ball unless the radius is within 1 % of ε).
     batch_size: attack/eval batch (default ``config.eval.batch_size``).
-    seed: PRNG seed of the attacks and power-iteration restarts.
+    seed: PRNG seed of the attacks.
+    delta: failure probability of the certificate (over the Lanczos start
+      vectors of the products without exact norms).
+    bound_seed: seed of the Lanczos start vectors; None draws a fresh one
+      from the operating system (recorded in the report).
     num_examples: certify only the first N examples of the split.
     data_dir: TFDS data_dir override.
     bound_scale: multiplies the certifying bound. Testing only: a value
@@ -264,25 +308,29 @@ def run(workdir: str, *, checkpoint: int | None = None,
 
   t = time.perf_counter()
   bounds, bound_report, lip = bound_phase(
-      restored, exact=exact, max_exact_gib=max_exact_gib,
-      key=jax.random.fold_in(key, 0), bound_scale=bound_scale,
-      progress=progress)
+      restored, exact=exact, max_exact_gib=max_exact_gib, delta=delta,
+      bound_seed=bound_seed, bound_scale=bound_scale, progress=progress)
   timings["bound"] = time.perf_counter() - t
-  log(f"bound: {config.bound.method}/{config.bound.kind}, mode "
-      f"{bound_report['mode']} ({timings['bound']:.1f} s)")
+  log(f"bound: {config.bound.method}/{config.bound.kind}, "
+      f"{bound_report['guarantee']} ({timings['bound']:.1f} s)")
 
   t = time.perf_counter()
   model_fn = (batched.make_apply_fn(restored.graphdef),
               (restored.params, restored.rest))
   logits = batched.compute_logits(*model_fn, dataset, batch_size=batch_size,
                                   progress=progress)
-  correct, radius, certified = certify_phase(logits, dataset.labels, lip,
-                                             eps_pixel)
+  error = evaluation_error(restored, dataset, bounds, batch_size=batch_size,
+                           scale=bound_scale, progress=progress)
+  cert = certify_phase(logits, dataset.labels, lip, eps_pixel, error)
+  correct, radius, certified = (cert["correct"], cert["radius"],
+                                cert["certified"])
   timings["certify"] = time.perf_counter() - t
   log(f"clean accuracy {correct.mean():.4f}; certified "
       + ", ".join(f"@{e:.4g} {c.mean():.4f}" for e, c in zip(eps_pixel,
                                                            certified))
       + f" ({timings['certify']:.1f} s)")
+  bound_report["float32_margin"] = _margin_report(
+      error, cert["certified_exact_arithmetic"])
 
   t = time.perf_counter()
   robust, pgd_violations = pgd_phase(
@@ -306,6 +354,18 @@ def run(workdir: str, *, checkpoint: int | None = None,
       pgd=dict(pgd, **_PGD_REPORTED, attack_certified=attack_certified,
                batch_size=batch_size, seed=seed),
       total_seconds=time.perf_counter() - t0)
+
+
+def _margin_report(error, certified_exact_arithmetic) -> dict:
+  """What the float32 evaluation margin is and what it cost."""
+  return {
+      "covered": True, "assumptions": float32_error.ASSUMPTIONS,
+      "elementwise_max": float(np.max(error.elementwise)),
+      "elementwise_mean": float(np.mean(error.elementwise)),
+      "l2_max": float(np.max(error.l2)), "l2_slope": error.l2_slope,
+      "certified_accuracy_exact_arithmetic": (
+          certified_exact_arithmetic.mean(axis=1).astype(float).tolist()),
+  }
 
 
 def exit_code(report_dict: dict) -> int:

@@ -145,9 +145,38 @@ def certified_radius(logits: jax.typing.ArrayLike,
     lipschitz: scalar global, ``[K]`` per-class or ``[K, K]`` pairwise bound.
 
   Returns:
-    ``[batch]`` radii, in the units of the network input (SPEC §7.5).
+    ``[batch]`` radii, in the units of the network input. Fail-closed: a
+    point with a non-finite logit, or with some ``L_yi`` that is not a
+    positive finite number, gets a radius of at most 0 (never certified).
   """
-  return jnp.min(margins_over_lipschitz(logits, labels, lipschitz), axis=1)
+  logits = jnp.asarray(logits)
+  labels = jnp.asarray(labels)
+  radius = jnp.min(margins_over_lipschitz(logits, labels, lipschitz), axis=1)
+  # Fail closed: a point whose bounds or logits are not all valid is never
+  # certified (its radius is at most 0; NaN becomes 0).
+  trusted = _trusted_rows(logits, labels, lipschitz)
+  radius = jnp.where(jnp.isnan(radius), 0.0, radius)
+  return jnp.where(trusted, radius, jnp.minimum(radius, 0.0))
+
+
+def _trusted_rows(logits: jax.Array, labels: jax.Array,
+                  lipschitz) -> jax.Array:
+  """``[batch]``: every logit finite and every ``L_yi`` (i != y) finite, > 0.
+
+  A bound that is 0, negative or non-finite can only come from a broken
+  computation upstream (or a degenerate network), so certification treats
+  the point as uncertified rather than dividing by it.
+  """
+  num_classes = logits.shape[1]
+  pair = pairwise_lipschitz(lipschitz, num_classes)[labels]  # [B, K]
+  is_self = jnp.arange(num_classes)[None, :] == labels[:, None]
+  valid_pair = is_self | (jnp.isfinite(pair) & (pair > 0))
+  trusted = jnp.all(valid_pair, axis=1) & jnp.all(jnp.isfinite(logits),
+                                                  axis=1)
+  lipschitz = jnp.asarray(lipschitz)
+  if lipschitz.ndim < 2:  # Every global / per-class entry enters each row.
+    trusted = trusted & jnp.all(jnp.isfinite(lipschitz) & (lipschitz > 0))
+  return trusted
 
 
 def certified_accuracy(logits: jax.typing.ArrayLike,
@@ -195,6 +224,8 @@ def is_certified(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
 
   Returns:
     ``[E, batch]`` bool (see :func:`certified_accuracy` for the semantics).
+    Fail-closed: False wherever a logit or ``eps`` is non-finite or some
+    ``L_yi`` is not a positive finite number.
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
@@ -207,7 +238,10 @@ def is_certified(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   is_self = jnp.arange(num_classes)[None, :] == labels[:, None]
   slack = (z_y - logits)[None] - eps.reshape(-1, 1, 1) * pair[None]
-  return jnp.all(is_self[None] | (slack > 0), axis=-1)
+  certified = jnp.all(is_self[None] | (slack > 0), axis=-1)
+  trusted = _trusted_rows(logits, labels, lipschitz) & jnp.all(
+      jnp.isfinite(eps))
+  return certified & trusted[None]
 
 
 def clean_accuracy(logits: jax.typing.ArrayLike,

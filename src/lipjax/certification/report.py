@@ -226,15 +226,19 @@ def format_table(report: dict) -> str:
   sources = [p["source"] for p in b["products"]]
   lines.append(f"bound: {b['method']}/{b['kind']}, {b['mode']} "
                f"({sources.count('exact')} exact, "
-               f"{sources.count('converged')} converged products)"
+               f"{sources.count('lanczos')} Lanczos products)"
                + (f"  ** SCALED BY {b['bound_scale']} (TESTING) **"
                   if b["bound_scale"] != 1 else ""))
-  conv = b["convergence"]
-  if conv is not None and not conv["converged"]:
-    lines.append(f"WARNING: power iteration stopped after "
-                 f"{conv['iterations']} iterations without reaching rtol "
-                 f"{conv['rtol']}: the converged norms are estimates. Use "
-                 "--exact (more --max_exact_gib) for a sound bound.")
+  lines.append(f"guarantee: {b['guarantee']}")
+  margin = b.get("float32_margin")
+  if margin:
+    exact = ", ".join(f"{v:.4f}" for v in
+                      margin["certified_accuracy_exact_arithmetic"])
+    lines.append(f"float32 evaluation covered: margins shrink by up to "
+                 f"{2 * margin['elementwise_max']:.3g} + "
+                 f"{margin['l2_max']:.3g} per class pair, bounds grow by "
+                 f"{margin['l2_slope']:.3g}; certified in exact arithmetic "
+                 f"alone: {exact}")
   header = "  eps (pixel)" + ("  eps (norm.)" if norm else "") + \
       "   certified      PGD    clean"
   lines += ["", header, "  " + "-" * (len(header) - 2)]
@@ -257,11 +261,13 @@ def format_table(report: dict) -> str:
                    f"{c['clean_accuracy']:6.4f}" + "".join(
                        f"  {v:11.4f}" for v in c["certified_accuracy"]))
   s = b["statistics"]
-  lines += ["", "products (s, e): source, norm x factor [residual]"]
+  lines += ["", "products: source, norm x factor (Lanczos: Krylov "
+            "dimension, KW epsilon, failure probability)"]
   for p in b["products"]:
-    extra = (f"  residual {p['residual']:.2e}" if "residual" in p else "")
-    lines.append(f"  {p['layers']:>14}  {p['source']:9}  {p['norm']:.6g} x "
-                 f"{p['safety_factor']:.6g}{extra}")
+    extra = (f"  steps {p['steps']}, epsilon {p['epsilon']:.2e}, delta "
+             f"{p['delta']:.2e}" if p["source"] == "lanczos" else "")
+    lines.append(f"  {p['layers']:>14}  {p['source']:8}  {p['norm']:.6g} x "
+                 f"{p['factor']:.6g}{extra}")
   ratio = s["liplt_over_naive"]
   if ratio["count"]:
     lines.append(f"LipLT / naive per pair: min {float(ratio['min']):.4f}, "

@@ -230,7 +230,7 @@ def make_eval_lipschitz(config, graphdef) -> Callable:
   It takes ``config.eval.power_iterations`` more warm-started steps from the
   training vectors (as the reference's evaluation does) without changing
   the training state. It is an estimate from below, not a certificate; the
-  final test evaluation and ``certify.py`` use converged or exact norms.
+  final test evaluation and ``certify.py`` use certified norms (Lanczos with a stated failure probability, or exact).
   """
   b = config.bound
 

@@ -1,0 +1,325 @@
+"""A bound on the float32 evaluation error of a network, over an L2 ball.
+
+The Lipschitz bound is about the network computed in exact arithmetic; the
+deployed network runs in float32. A certificate for the deployed network
+must also cover rounding, at the clean point *and* at every point of the
+ball. For a :class:`lipjax.models.SequentialNet` and a batch of inputs
+``x``, :func:`logit_error_bounds` returns float64 ``E0, E1 [B, K]`` such
+that for every float32 input ``x'`` with ``||x' - x|| <= R``
+
+  ``|fl32(f)(x') - f(x')| <= E0 + R E1``   (componentwise, every class),
+
+whatever order the sums are taken in (any batch size, blocking or fused
+multiply-add). It follows the standard model of floating-point arithmetic
+(``u = 2^-24``): a dot product of ``d`` terms plus a bias is within
+``gamma_{d+1} (|W| |h| + |b|)`` of the exact one, with
+``gamma_n = n u / (1 - n u)``; subtraction, scaling and addition of the
+normalizations add ``u`` each; ReLU, abs and max are exact, leaky ReLU adds
+``u``, and tanh, sigmoid, softplus and elu are assumed within
+``ACTIVATION_ULPS`` ulps (XLA's implementations are within a few).
+Each error is split in two: an elementwise part from rounding the values
+at ``x`` (computed in float64; they are exact to far below float32), and a
+part of L2 norm at most ``R beta`` from rounding how far the values move
+over the ball (at most ``R M_k`` in L2, with ``M_k`` the certified LipLT
+bound up to layer ``k``). Elementwise parts propagate through ``|W|``; the
+L2 part through the layers' certified spectral norms, and the rounding of
+moved values through Schur's bound on ``|| |W| ||``. That gives ``E0`` (the
+elementwise part at the logits) and ``E1`` (from ``beta``). An absolute
+``UNDERFLOW`` per value covers flushed subnormals.
+
+Assumptions (stated in the report): float32 arithmetic with round-to-nearest;
+convolutions computed as sums of products (XLA:CPU's; a Winograd or FFT
+convolution, which cuDNN may pick on a GPU, has other error bounds); matmuls
+at full float32 precision (``jax.default_matmul_precision("highest")``,
+never TF32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipjax import activations
+
+U32 = 2.0**-24
+ACTIVATION_ULPS = 8
+UNDERFLOW = 2.0**-120  # Above every float32 subnormal (flushed or not).
+ASSUMPTIONS = (
+    "float32 round-to-nearest; convolutions and matmuls as sums of products "
+    "at full float32 precision (no TF32/bfloat16, no Winograd/FFT "
+    f"convolutions); tanh/sigmoid/softplus/elu within {ACTIVATION_ULPS} ulps")
+
+# Rounding of an activation's float32 evaluation, in ulps of its output.
+_ACTIVATION_ROUNDING = {"relu": 0, "abs": 0, "leaky_relu": 1}
+
+
+def _gamma(n: int) -> float:
+  return n * U32 / (1.0 - n * U32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """One layer in float64: the map, its bias, and batch norm if any."""
+  weight: jax.Array
+  bias: jax.Array
+  bn_mul: jax.Array | None
+  bn_mean: jax.Array | None
+  bn_bias: jax.Array | None
+  kind: str = dataclasses.field(metadata=dict(static=True))
+  stride: int = dataclasses.field(metadata=dict(static=True), default=1)
+  pad: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+  def linear(self, x, weight=None):
+    """``W x`` (no bias) with ``weight`` (default ``self.weight``)."""
+    w = self.weight if weight is None else weight
+    if self.kind == "dense":
+      return x.reshape(x.shape[0], -1) @ w
+    return jax.lax.conv_general_dilated(
+        x, w, (self.stride, self.stride),
+        ((self.pad, self.pad), (self.pad, self.pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  @property
+  def fan_in(self) -> int:
+    return int(math.prod(self.weight.shape[:-1]))
+
+
+def _f64(x):
+  return None if x is None else jnp.asarray(np.asarray(x, np.float64))
+
+
+def _layers(model) -> list[_Layer]:
+  """The model's layers with their float32 values, held in float64."""
+  layers, conv_index = [], 0
+  for spec, layer in zip(model.spec, model.layers):
+    bn = {"bn_mul": None, "bn_mean": None, "bn_bias": None}
+    if spec[0] == "conv" and model.batch_norm:
+      norm = model.batch_norms[conv_index]
+      conv_index += 1
+      # The float32 constant flax multiplies by, as the device computes it.
+      mul = jax.lax.rsqrt(norm.var[...] + norm.epsilon)
+      if norm.scale is not None:
+        mul = mul * norm.scale[...]
+      bn = {"bn_mul": _f64(mul), "bn_mean": _f64(norm.mean[...]),
+            "bn_bias": _f64(None if norm.bias is None else norm.bias[...])}
+    extra = ({"stride": spec[3], "pad": spec[4]} if spec[0] == "conv"
+             else {})
+    layers.append(_Layer(weight=_f64(layer.kernel[...]),
+                         bias=_f64(layer.bias[...]), kind=spec[0], **extra,
+                         **bn))
+  return layers
+
+
+def _abs_norm(layer: _Layer) -> jax.Array:
+  """``sqrt(max row sum * max column sum)`` of ``|W|`` (Schur's test).
+
+  An upper bound on the spectral norm of the matrix of absolute values of
+  the layer's map (and so on the map's own norm). For a conv, an output
+  sums ``kh kw c_in`` inputs and an input feeds at most ``kh kw`` outputs
+  per output channel, whatever the stride and padding.
+  """
+  a = jnp.abs(layer.weight)
+  if layer.kind == "dense":
+    rows, cols = jnp.sum(a, axis=0), jnp.sum(a, axis=1)
+  else:
+    rows, cols = jnp.sum(a, axis=(0, 1, 2)), jnp.sum(a, axis=(0, 1, 3))
+  return jnp.sqrt(jnp.max(rows) * jnp.max(cols))
+
+
+def _row_l2(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("activation",))
+def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
+               *, activation: str):
+  """The three parts of the error bound at the logits (see the module doc).
+
+  At every layer the error of the computed value at ``x'`` is bounded by
+
+  * ``fresh``: an elementwise part, the rounding of this layer's own
+    operations on the values at ``x`` (``[B, ...]``);
+  * ``xi``: a vector of L2 norm at most ``xi [B]``: the errors of earlier
+    layers, propagated through the certified spectral norms;
+  * ``R beta``: a vector of L2 norm at most ``R beta`` (``beta`` a scalar):
+    the rounding of how far the values move over the ball, propagated too.
+
+  Returns:
+    ``(fresh [B, K], xi [B], beta)``.
+  """
+  act = activations.get_activation(activation)
+  gain = activations.lipschitz_constant(act.slopes)
+  ulps = _ACTIVATION_ROUNDING.get(activation, ACTIVATION_ULPS) * U32
+  h = (x - mean) * inv_std
+  move = jnp.max(inv_std)  # ||h(x') - h(x)|| <= move * R.
+  two_u = 2.0 * U32 * (1.0 + U32)  # Subtract, then divide.
+  fresh = two_u * jnp.abs(h) + UNDERFLOW
+  xi, beta = jnp.zeros(x.shape[0], x.dtype), two_u * move
+  for k, layer in enumerate(layers):
+    g, absolute = _gamma(layer.fan_in + 1), _abs_norm(layer)
+    # This layer's norm from h's coordinates (the first layer's certified
+    # norm includes 1/std; its map from h does not).
+    through = layer_norms[k] * (std_max if k == 0 else 1.0)
+    abs_w = jnp.abs(layer.weight)
+    z = layer.linear(h) + layer.bias
+    rounding = g * (layer.linear(jnp.abs(h) + fresh, abs_w)
+                    + jnp.abs(layer.bias)) + UNDERFLOW
+    # The earlier fresh error passes through W either elementwise (|W| e)
+    # or in L2 (||W|| ||e||); both bound it. Per example, keep the one whose
+    # L2 size is smaller: elementwise is tight for few, wide rows, L2 for
+    # many (it does not pay |W|'s missing cancellations).
+    by_abs = layer.linear(fresh, abs_w)
+    by_l2 = through * _row_l2(fresh)
+    keep = _row_l2(by_abs) <= by_l2
+    keep_rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
+    new_fresh = rounding + jnp.where(keep_rows, by_abs, 0.0)
+    new_xi = through * xi + jnp.where(keep, 0.0, by_l2) + g * absolute * xi
+    new_beta = through * beta + g * absolute * (beta + move)
+    if layer.bn_mul is not None:
+      mul, g3 = jnp.abs(layer.bn_mul), _gamma(3)
+      bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
+      # The conv's fresh error passes through the scale; BN rounds 3 times.
+      new_fresh = mul * new_fresh * (1.0 + g3) + g3 * (
+          mul * (jnp.abs(z) + new_fresh + jnp.abs(layer.bn_mean))
+          + bn_bias) + UNDERFLOW
+      # ``through`` already holds the scale; its rounding adds 2 gamma_3.
+      new_xi = new_xi * (1.0 + 2.0 * g3)
+      new_beta = new_beta * (1.0 + 2.0 * g3) + g3 * jnp.max(mul) * (
+          absolute * move)
+      z = (z - layer.bn_mean) * layer.bn_mul + (
+          0.0 if layer.bn_bias is None else layer.bn_bias)
+    fresh, xi, beta = new_fresh, new_xi, new_beta
+    if k == len(layers) - 1:
+      return fresh, xi, beta
+    h = act.fn(z)
+    move = gain * lipschitz_to[k]
+    fresh = gain * fresh + ulps * (jnp.abs(h) + gain * fresh) + UNDERFLOW
+    xi = gain * xi * (1.0 + ulps)
+    beta = gain * beta + ulps * (move + gain * beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationError:
+  """A bound on ``|fl32 f(x') - f(x')|`` over the ball ``||x' - x|| <= R``.
+
+  The error vector at the logits is at most ``elementwise`` componentwise
+  plus a vector of L2 norm at most ``l2 + R l2_slope``. So the difference
+  of two classes ``y, i`` is off by at most
+  ``elementwise_y + elementwise_i + sqrt(2) (l2 + R l2_slope)``.
+
+  Attributes:
+    elementwise: float64 ``[B, K]``.
+    l2: float64 ``[B]``.
+    l2_slope: float, per unit of ``R``.
+  """
+  elementwise: np.ndarray
+  l2: np.ndarray
+  l2_slope: float
+
+  def pair(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(at_r0 [B, K], slope [B, K])`` for the pairs ``(y_b, i)``."""
+    rows = np.arange(len(labels))
+    e_y = self.elementwise[rows, labels][:, None]
+    at_r0 = e_y + self.elementwise + math.sqrt(2.0) * self.l2[:, None]
+    slope = np.full_like(at_r0, math.sqrt(2.0) * self.l2_slope)
+    return at_r0, slope
+
+
+def logit_error_bounds(model, images, layer_norms, lipschitz_to
+                       ) -> EvaluationError:
+  """The float32 evaluation error of ``model`` around each of ``images``.
+
+  Args:
+    model: a :class:`lipjax.models.SequentialNet` (its float32 values).
+    images: ``[B, H, W, C]`` float inputs in pixel units.
+    layer_norms: ``[N]`` certified spectral norms of the chain's single
+      layers ``W_k`` (input normalization and batch norm folded in).
+    lipschitz_to: ``[N]`` L2 Lipschitz bounds from the input to each
+      layer's output before its activation (batch norm included); only the
+      first ``N - 1`` are used.
+
+  Returns:
+    An :class:`EvaluationError`, inflated by ``1 + 1e-9`` for the float64
+    arithmetic of the bound itself.
+  """
+  with jax.enable_x64(True):
+    layers = _layers(model)
+    std = np.asarray(model.input_std, np.float64)
+    fresh, xi, beta = _propagate(
+        layers, jnp.asarray(np.asarray(images, np.float64)),
+        jnp.asarray(np.asarray(layer_norms, np.float64)),
+        jnp.asarray(np.asarray(lipschitz_to, np.float64)),
+        jnp.asarray(1.0 / std), jnp.asarray(np.asarray(model.input_mean,
+                                                      np.float64)),
+        float(std.max()), activation=model.activation)
+    slack = 1.0 + 1e-9
+    return EvaluationError(elementwise=np.asarray(fresh) * slack,
+                           l2=np.asarray(xi) * slack,
+                           l2_slope=float(beta) * slack)
+
+
+def certify_float64(logits: np.ndarray, labels: np.ndarray, lipschitz,
+                    error: EvaluationError | None,
+                    eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Radii and certificates that also cover float32 evaluation.
+
+  For the float32 logits ``z`` at ``x`` and pair bounds ``L_yi``, the
+  deployed network keeps class ``y`` at every ``x'`` within ``R`` when, for
+  every ``i != y``,
+
+    ``z_y - z_i - 2 D_yi > R (L_yi + S_yi)``,
+
+  with ``D_yi + R S_yi`` the bound on the pair's evaluation error
+  (:meth:`EvaluationError.pair`): once at ``x``, where ``z`` was computed,
+  and once at ``x'``. ``error=None`` certifies the exact-arithmetic network.
+  Everything is float64; the margin side is rounded down and the slope side
+  up by ``1e-12``. Fail-closed as :func:`lipjax.certified_radius`:
+  non-finite logits or bounds that are not positive finite numbers never
+  certify.
+
+  Args:
+    logits: ``[N, K]`` float32 logits of the deployed network.
+    labels: ``[N]``.
+    lipschitz: global, ``[K]`` or ``[K, K]`` bounds (float).
+    error: from :func:`logit_error_bounds`, or None.
+    eps: ``[E]`` radii.
+
+  Returns:
+    ``(radius [N] float64, certified [E, N] bool)``.
+  """
+  from lipjax.certification import radii  # pylint: disable=import-outside-toplevel
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels)
+  k = logits.shape[1]
+  lip = np.asarray(lipschitz, np.float64)
+  with jax.enable_x64(True):
+    pair = np.asarray(radii.pairwise_lipschitz(jnp.asarray(lip), k))[labels]
+  rows = np.arange(len(labels))
+  margin = logits[rows, labels][:, None] - logits
+  slope = pair
+  if error is not None:
+    at_r0, error_slope = error.pair(labels)
+    margin = margin - 2.0 * at_r0
+    slope = slope + error_slope
+  margin, slope = margin * (1.0 - 1e-12), slope * (1.0 + 1e-12)
+  is_self = np.arange(k)[None, :] == labels[:, None]
+  valid = is_self | (np.isfinite(pair) & (pair > 0))
+  trusted = np.all(valid, axis=1) & np.all(np.isfinite(logits), axis=1)
+  if lip.ndim < 2:
+    trusted &= bool(np.all(np.isfinite(lip) & (lip > 0)))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    per_class = np.where(is_self, np.inf, margin / slope)
+  radius = np.min(per_class, axis=1)
+  radius = np.where(np.isnan(radius), 0.0, radius)
+  radius = np.where(trusted, radius, np.minimum(radius, 0.0))
+  eps = np.asarray(eps, np.float64).reshape(-1)
+  slack = margin[None] - eps[:, None, None] * slope[None]
+  certified = np.all(is_self[None] | (slack > 0), axis=-1)
+  certified &= trusted[None] & np.isfinite(eps)[:, None]
+  return radius, certified
