@@ -162,6 +162,12 @@ def test_report_numbers_are_consistent(report):
   assert report["audit"]["attacked"] == round(
       report["radius"]["fraction_positive"] * 64)
   assert report["bound"]["mode"] == "exact"
+  assert report["bound"]["guarantee"].startswith("deterministic")
+  margin = report["bound"]["float32_margin"]
+  assert margin["covered"] and "float32" in margin["assumptions"]
+  # The float32 margin can only remove certificates.
+  assert np.all(cert <= np.array(
+      margin["certified_accuracy_exact_arithmetic"]) + 1e-12)
   json.dumps(report, allow_nan=False)  # Every number is JSON.
 
 

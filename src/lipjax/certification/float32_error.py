@@ -319,7 +319,8 @@ def certify_float64(logits: np.ndarray, labels: np.ndarray, lipschitz,
   radius = np.where(np.isnan(radius), 0.0, radius)
   radius = np.where(trusted, radius, np.minimum(radius, 0.0))
   eps = np.asarray(eps, np.float64).reshape(-1)
-  slack = margin[None] - eps[:, None, None] * slope[None]
+  with np.errstate(invalid="ignore"):  # NaN bounds: never certified below.
+    slack = margin[None] - eps[:, None, None] * slope[None]
   certified = np.all(is_self[None] | (slack > 0), axis=-1)
   certified &= trusted[None] & np.isfinite(eps)[:, None]
   return radius, certified

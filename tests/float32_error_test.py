@@ -1,0 +1,143 @@
+"""The float32 evaluation margin (lipjax.certification.float32_error).
+
+The bound must cover the difference between the float32 network (jitted,
+any batch size) and the same network in float64, at the point and at
+points inside the ball; a point a few ulps from the decision boundary must
+not be certified; and the float64 certificate test must fail closed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lipjax
+from lipjax.certification import float32_error
+from lipjax.certification import sound_bound
+
+
+def _model(activation="relu", batch_norm=False, seed=0):
+  model = lipjax.models.build(
+      [("conv", 4, 3, 2, 1), ("conv", 6, 3, 1, 1), ("dense", 20),
+       ("dense", None)], num_classes=5, input_shape=(8, 8, 2),
+      rngs=nnx.Rngs(seed), activation=activation, batch_norm=batch_norm,
+      input_mean=(0.4, 0.5), input_std=(0.25, 0.3))
+  if batch_norm:
+    rng = np.random.default_rng(seed)
+    for bn in model.batch_norms:
+      c = bn.var[...].shape[0]
+      bn.var[...] = jnp.asarray(rng.uniform(0.05, 3.0, c), jnp.float32)
+      bn.mean[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
+      bn.scale[...] = jnp.asarray(rng.normal(size=c) * 3, jnp.float32)
+      bn.bias[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
+  return model
+
+
+def _float64_logits(model, x):
+  with jax.enable_x64(True):
+    graphdef, state = nnx.split(model)
+    state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+    return np.asarray(nnx.merge(graphdef, state64)(jnp.asarray(
+        x, jnp.float64)))
+
+
+def _float32_logits(model, x, batch):
+  apply = jax.jit(lambda m, x: m(x))
+  return np.concatenate([np.asarray(apply(model, x[i:i + batch]), np.float64)
+                         for i in range(0, len(x), batch)])
+
+
+def _error(model, x):
+  bounds, _ = sound_bound.sound_bound(model, method="liplt", kind="pairwise",
+                                      exact=True)
+  return float32_error.logit_error_bounds(model, x, bounds["layer_norms"],
+                                          bounds["lipschitz_to"])
+
+
+@pytest.mark.parametrize("activation,batch_norm", [
+    ("relu", False), ("tanh", True), ("leaky_relu", True), ("sigmoid", False)])
+def test_error_bound_covers_float32_evaluation_in_the_ball(activation,
+                                                           batch_norm):
+  model = _model(activation, batch_norm)
+  rng = np.random.default_rng(1)
+  x = rng.uniform(0, 1, (48, 8, 8, 2)).astype(np.float32)
+  error = _error(model, x)
+  radius = 0.7
+  step = rng.standard_normal(x.shape)
+  step *= radius / np.linalg.norm(step.reshape(48, -1), axis=1)[
+      :, None, None, None]
+  for point, r in ((x, 0.0), ((x + step).astype(np.float32), radius)):
+    exact = _float64_logits(model, point)
+    for batch in (1, 7, 48):
+      got = np.abs(_float32_logits(model, point, batch) - exact)
+      bound = (error.elementwise + error.l2[:, None]
+               + r * error.l2_slope)
+      assert np.all(got <= bound)
+      # Pairs: the difference of two classes, as certification uses it.
+      at_r0, slope = error.pair(np.zeros(48, int))
+      pair_err = np.abs(got[:, :1] - got)
+      assert np.all(pair_err <= at_r0 + r * slope)
+
+
+def test_point_a_few_ulps_from_the_boundary_is_not_certified():
+  model = _model()
+  rng = np.random.default_rng(3)
+  a, b = rng.uniform(0, 1, (2, 1, 8, 8, 2)).astype(np.float32)
+  la, lb = (np.argmax(_float32_logits(model, p, 1)) for p in (a, b))
+  for _ in range(40):  # Find two inputs that the network classifies apart.
+    if la != lb:
+      break
+    b = rng.uniform(0, 1, (1, 8, 8, 2)).astype(np.float32)
+    lb = np.argmax(_float32_logits(model, b, 1))
+  assert la != lb
+  lo, hi = 0.0, 1.0  # Bisect the segment to the boundary, in float32.
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    point = (a + np.float32(mid) * (b - a)).astype(np.float32)
+    if np.argmax(_float32_logits(model, point, 1)) == la:
+      lo = mid
+    else:
+      hi = mid
+  point = (a + np.float32(lo) * (b - a)).astype(np.float32)
+  logits = _float32_logits(model, point, 1)
+  labels = np.array([la])
+  bounds, _ = sound_bound.sound_bound(model, method="liplt", kind="pairwise",
+                                      exact=True)
+  lip = bounds["bound"]
+  top2 = np.sort(logits[0])[-2:]
+  assert top2[1] - top2[0] < 1e-4 * np.abs(top2).max()  # At the boundary.
+  error = float32_error.logit_error_bounds(
+      model, point, bounds["layer_norms"], bounds["lipschitz_to"])
+  radius, certified = float32_error.certify_float64(
+      logits, labels, lip, error, np.array([0.0, 1e-7]))
+  assert radius[0] <= 0 and not certified.any()
+  # Without the margin the exact-arithmetic test would take the float32
+  # logits at their word.
+  naive_radius, _ = float32_error.certify_float64(logits, labels, lip, None,
+                                                  np.array([0.0]))
+  assert naive_radius[0] > 0
+
+
+def test_certify_float64_matches_radii_without_error_and_fails_closed():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(30, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, 30)
+  lip = np.abs(rng.normal(size=(4, 4))) + 0.5
+  lip = (lip + lip.T) / 2
+  eps = np.array([0.0, 0.1, 0.5])
+  radius, certified = float32_error.certify_float64(logits, labels, lip,
+                                                    None, eps)
+  np.testing.assert_allclose(
+      radius, lipjax.certified_radius(logits, labels, lip), rtol=1e-5)
+  np.testing.assert_array_equal(
+      certified, lipjax.is_certified(logits, labels, lip, eps))
+  for bad in (0.0, -1.0, np.nan, np.inf):
+    broken = lip.copy()
+    broken[0, 1] = broken[1, 0] = bad
+    _, cert = float32_error.certify_float64(logits, labels, broken, None, eps)
+    assert not cert[:, np.isin(labels, [0, 1])].any()
+  nan_logits = logits.copy()
+  nan_logits[0, 2] = np.nan
+  r, cert = float32_error.certify_float64(nan_logits, labels, lip, None, eps)
+  assert r[0] <= 0 and not cert[:, 0].any()
