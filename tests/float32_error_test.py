@@ -141,3 +141,33 @@ def test_certify_float64_matches_radii_without_error_and_fails_closed():
   nan_logits[0, 2] = np.nan
   r, cert = float32_error.certify_float64(nan_logits, labels, lip, None, eps)
   assert r[0] <= 0 and not cert[:, 0].any()
+
+
+def test_large_batch_norm_multiplier_is_covered():
+  # The reviewer's case: conv weights 1e-6 then batch norm x 1e6. The conv's
+  # rounding is multiplied by the BN scale; the bound was 2.4x too small.
+  h, c = 16, 3
+  model = lipjax.models.build([("conv", 1, h, 1, 0), ("dense", None)],
+                              num_classes=2, input_shape=(h, h, c),
+                              rngs=nnx.Rngs(0), batch_norm=True)
+  model.layers[0].kernel[...] = jnp.full((h, h, c, 1), 1e-6, jnp.float32)
+  model.layers[0].bias[...] = jnp.zeros(1)
+  bn = model.batch_norms[0]
+  bn.mean[...] = jnp.zeros(1)
+  bn.var[...] = jnp.ones(1) - bn.epsilon
+  bn.scale[...] = jnp.full(1, 1e6, jnp.float32)
+  bn.bias[...] = jnp.zeros(1)
+  model.layers[1].kernel[...] = jnp.asarray([[1.0, -1.0]], jnp.float32)
+  model.layers[1].bias[...] = jnp.zeros(2)
+  x = np.zeros((1, h, h, c), np.float32)
+  error = _error(model, x)
+  at_r0, slope = error.pair(np.array([0]))
+  rng = np.random.default_rng(1)
+  for _ in range(100):
+    point = (np.ones(x.shape) * rng.uniform(1, 1.001, size=x.shape)
+             * 10**rng.uniform(-3, 0)).astype(np.float32)
+    radius = np.linalg.norm(point.astype(np.float64))
+    z = _float32_logits(model, point, 1)[0]
+    exact = _float64_logits(model, point)[0]
+    actual = abs((z[0] - z[1]) - (exact[0] - exact[1]))
+    assert actual <= at_r0[0, 1] + radius * slope[0, 1]

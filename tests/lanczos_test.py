@@ -227,3 +227,30 @@ def test_exact_and_lanczos_agree_where_both_run():
   cert = _certified(chain, products, seed=2)
   assert np.all(cert.norms <= ex * (1 + 1e-9))
   assert np.all(cert.certified >= ex)
+
+
+def test_products_that_cancel_in_floating_point_stay_upper_bounds():
+  # The reviewer's case: W2 W1 W0 is 2^-20 while its layers are ~2^40, so
+  # float64 cannot resolve the product; the bound must then be loose, never
+  # low (it was 60x too low, exact mode included).
+  w0 = np.array([[2.0**40, 0], [2.0**-20, 0], [0, 2.0**-30]], np.float32)
+  w1 = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32)
+  w2 = np.array([[1, -1, 1]], np.float32)
+  w3 = np.array([[1], [-1]], np.float32)
+  true = np.sqrt(2.0) * np.hypot(2.0**-20, 2.0**-30)  # Exact by hand.
+  for exact in (False, True):
+    lip = float(lipjax.bound([w0, w1, w2, w3], slopes=(1.0, 1.0),
+                             kind="global", exact=exact, seed=3))
+    assert lip >= true
+  pair = np.asarray(lipjax.bound([w0, w1, w2, w3], kind="pairwise", seed=3))
+  assert pair[0, 1] >= true or not np.isfinite(pair[0, 1])
+
+
+def test_folded_scales_are_rounded_up():
+  model = lipjax.models.build("3F", num_classes=3, input_shape=(4, 4, 1),
+                              rngs=nnx.Rngs(0), input_std=(0.3,))
+  chain = lipjax.from_model(model)
+  raised = lipjax.linear_maps.with_scales_rounded_up(chain)
+  # fl32(1 / fl32(0.3)) may sit below 1 / 0.3; the raised scale does not.
+  assert raised.ops[0].in_scale[0] > 1.0 / np.float64(np.float32(0.3))
+  assert raised.ops[0].in_scale.dtype == np.float64

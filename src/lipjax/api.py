@@ -122,9 +122,10 @@ def _bound_jit(chain, norms, *, method, kind, diagonal, large_class_threshold):
       large_class_threshold=large_class_threshold)
 
 
-def _round_up_to_float32(x: np.ndarray) -> np.ndarray:
+def round_up_to_float32(x: np.ndarray) -> np.ndarray:
   """The smallest float32 values >= the float64 ``x``, elementwise."""
-  x32 = x.astype(np.float32)
+  with np.errstate(over="ignore"):  # Above float32's range: inf, fails closed.
+    x32 = x.astype(np.float32)
   return np.where(x32.astype(np.float64) < x,
                   np.nextafter(x32, np.float32(np.inf)), x32)
 
@@ -153,7 +154,7 @@ def assemble_bound_float64(chain, norms, *, method: str, kind: str,
         chain.astype(jnp.float64), jnp.asarray(norms, jnp.float64),
         method=method, kind=kind, diagonal=float(diagonal),
         large_class_threshold=int(large_class_threshold)))
-  return _round_up_to_float32(value64)
+  return round_up_to_float32(value64)
 
 
 def _training_bound(chain, state, iterations: int, *, method, kind, diagonal,
@@ -189,15 +190,30 @@ def _certified_bound(chain, products, *, method, kind, exact, delta, seed,
     raise ValueError(
         "safety_factor replaces the factor of exact norms only (exact=True); "
         "the randomized certificate sets its own factor from delta.")
+  if safety_factor is not None and not safety_factor >= 1.0:
+    raise ValueError(f"safety_factor must be >= 1 (1 drops the rounding "
+                     f"allowance of exact norms); got {safety_factor}.")
+  chain = linear_maps.with_scales_rounded_up(chain)
+  layer_norms = {}
   certificate = norm_certificates.certify_norms(
       chain, products, use_exact=use_exact, delta=delta, seed=seed,
       target_factor=target_factor, max_steps=max_steps,
-      max_exact_bytes=max_exact_bytes, progress=progress)
-  factors = (certificate.factors if safety_factor is None
-             else np.full(len(products), float(safety_factor)))
-  value = jnp.asarray(assemble_bound_float64(
-      chain, certificate.norms * factors, method=method, kind=kind,
-      diagonal=diagonal, large_class_threshold=large_class_threshold))
+      max_exact_bytes=max_exact_bytes, progress=progress,
+      layer_norms_out=layer_norms)
+  if safety_factor is None:
+    factors, upper = certificate.factors, certificate.certified
+  else:
+    factors = np.full(len(products), float(safety_factor))
+    upper = certificate.norms * factors
+  value = assemble_bound_float64(
+      chain, upper, method=method, kind=kind, diagonal=diagonal,
+      large_class_threshold=large_class_threshold)
+  value = round_up_to_float32(
+      value.astype(np.float64) * norm_certificates.class_row_factor(
+          chain, kind=kind, layer_norms=layer_norms))
+  if kind == "pairwise":  # The diagonal is a convention, not a bound.
+    np.fill_diagonal(value, np.float32(diagonal))
+  value = jnp.asarray(value)
   info = BoundInfo(method=method, kind=kind, products=products,
                    norms=certificate.norms, sources=certificate.sources,
                    safety_factor=factors, certificate=certificate)

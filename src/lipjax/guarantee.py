@@ -39,16 +39,21 @@ or one less, whichever its ``k`` counts, and the bound grows as ``k``
 shrinks, so either reading is covered. Then
 ``eps = (ln(1.648 sqrt(n) / delta) / (2k - 1))^2`` and
 ``lambda_max <= theta_max / (1 - eps)``. This one needs no gap but converges
-slowly; it is the fallback for clustered spectra. It is evaluated once, at
-the final step.
+slowly; it is the fallback for clustered spectra. Its failure events for
+different steps are not nested, so when Lanczos may stop at any of several
+steps the bound pays for each of them (``kw_stops`` in
+:func:`certified_square_norm`, a union bound).
 
-A Krylov space of dimension ``m >= n`` is the whole space, and a breakdown
-(``beta_j = 0``) means an invariant subspace that holds ``b``; in both cases
-``theta_max = lambda_max`` whenever ``b_1 != 0``. Finally every bound is
-multiplied by ``1 + ROUNDING_MARGIN``: float64 Lanczos with full
-reorthogonalization behaves as exact Lanczos on a matrix within a few
-``m n u ||A||`` of ``A`` (``u = 2^-53``), about ``1e-9 ||A||`` for the sizes
-here; the margin is 100 times that.
+A Krylov space of dimension ``m >= n`` is the whole space, so then
+``theta_max = lambda_max``. A breakdown (a residual ``beta_m`` at rounding
+level) needs no special case: the polynomial bound with the inflated
+``beta_m`` covers it. Rounding: the Ritz values are shifted up and the
+``beta`` inflated by ``LEVEL`` times the scale of ``A`` (float64 Lanczos
+with full reorthogonalization behaves as exact Lanczos on a matrix within a
+few ``m n u ||A||`` of ``A``, ``u = 2^-53``, about ``1e-12 ||A||`` for the
+sizes here), and the result is multiplied by ``1 + ROUNDING_MARGIN``. The float64 evaluation of ``A q`` is
+covered separately, by an allowance that scales with the product of the
+layer norms (``matvec_error``, see :mod:`lipjax.norm_certificates`).
 
 The user's ``delta`` is split evenly over the Lanczos products, so all of
 them hold at once with probability at least ``1 - delta``.
@@ -181,33 +186,43 @@ def polynomial_bound(theta: np.ndarray, beta: np.ndarray,
 
 
 def certified_square_norm(alpha: np.ndarray, beta: np.ndarray, *, dim: int,
-                          delta: float) -> tuple[float, dict]:
+                          delta: float, matvec_error: float = 0.0,
+                          kw_stops: int = 1) -> tuple[float, dict]:
   """The certified upper bound on ``||P||^2`` from a Lanczos run.
 
   Rounding: the Ritz values are shifted up, and the ``beta`` inflated, by
   ``LEVEL`` times the scale of ``A`` (``max(theta_max, |alpha|) +
-  max(beta)``), which covers float64 Lanczos with full reorthogonalization
-  (errors of order ``m sqrt(n) u ||A||``); both changes can only raise
-  the bounds. The result is then multiplied by ``1 + ROUNDING_MARGIN``.
+  max(beta)``), which covers the float64 arithmetic of Lanczos with full
+  reorthogonalization, plus ``10 sqrt(m) matvec_error``, which covers the
+  float64 evaluation of ``A q`` itself (``||fl(A q) - A q|| <=
+  matvec_error`` for unit ``q``; the errors of ``m`` steps add up to at most
+  ``sqrt(m)`` times that in Frobenius norm). Both changes can only raise the
+  bounds. The result is then multiplied by ``1 + ROUNDING_MARGIN``.
 
   Args:
     alpha, beta: ``[m]`` Lanczos coefficients (``beta[-1]`` the residual).
     dim: ``n``.
     delta: failure probability for this product (split in half between the
       polynomial and the KW bound).
+    matvec_error: absolute bound on the evaluation error of ``A q``.
+    kw_stops: the number of steps at which Lanczos may have stopped. The
+      polynomial bound holds at every step at once; the KW bound is paid for
+      each possible stop (a union bound), so it gets ``delta / 2 / kw_stops``.
 
   Returns:
     ``(bound, details)``: the bound and a dict with ``steps`` (the Krylov
-    dimension used), ``theta_max``, the ``polynomial`` and ``kw`` bounds,
-    ``kw_epsilon`` and which one ``won``.
+    dimension used), ``theta_max`` (the largest Ritz value as computed), the
+    ``polynomial`` and ``kw`` bounds, ``kw_epsilon`` and which one ``won``.
   """
   half = check_delta(delta) / 2.0
   alpha, beta = _krylov_block(np.asarray(alpha, np.float64),
                               np.asarray(beta, np.float64))
   steps = len(alpha)
   theta = ritz_values(alpha, beta)
-  level = LEVEL * (max(float(theta[-1]), float(np.max(np.abs(alpha))))
-                   + float(np.max(beta)))
+  raw_top = float(theta[-1])
+  level = LEVEL * (max(raw_top, float(np.max(np.abs(alpha))))
+                   + float(np.max(beta))) + 10.0 * math.sqrt(steps) * float(
+                       matvec_error)
   if level == 0.0:  # A = 0 on the Krylov space of b: P b = 0.
     level = np.finfo(np.float64).tiny
   theta = theta + level
@@ -218,9 +233,10 @@ def certified_square_norm(alpha: np.ndarray, beta: np.ndarray, *, dim: int,
   else:
     poly = polynomial_bound(theta, beta + level,
                             start_component_floor(dim, half))
-    eps = kw_epsilon(dim, steps, half)
+    eps = kw_epsilon(dim, steps, half / max(int(kw_stops), 1))
     kw = theta_max / (1.0 - eps) if eps < 1.0 else math.inf
   bound = min(poly, kw) * (1.0 + ROUNDING_MARGIN)
   return max(bound, 0.0), {
-      "steps": steps, "theta_max": theta_max, "polynomial": poly, "kw": kw,
-      "kw_epsilon": eps, "won": "polynomial" if poly <= kw else "kw"}
+      "steps": steps, "theta_max": max(raw_top, 0.0), "polynomial": poly,
+      "kw": kw, "kw_epsilon": eps,
+      "won": "polynomial" if poly <= kw else "kw"}

@@ -283,6 +283,35 @@ def from_model(model) -> LinearChain:
   return LinearChain(ops=tuple(ops), slopes=slopes)
 
 
+# Relative amount by which certification raises the folded per-channel
+# scales: it covers the float32 rounding of 1/std and of the batch-norm
+# multiplier gamma * rsqrt(var + eps) (a few ulps, 2^-24 each).
+SCALE_ROUNDING = 2.0**-20
+
+
+def with_scales_rounded_up(chain: LinearChain) -> LinearChain:
+  """A float64 copy whose per-channel scales are raised in magnitude.
+
+  The model's folded scales (``1 / std``, batch norm's multiplier) are
+  float32 results of a division or a reciprocal square root, so they may sit
+  a few ulps below the exact values the deployed network divides by. Scaling
+  each by ``1 + SCALE_ROUNDING`` (exact in float64) makes every norm of the
+  chain an upper bound for the network: a norm is monotone in the magnitude
+  of each diagonal scale.
+  """
+  def raise_(scale):
+    if scale is None:
+      return None
+    return np.asarray(scale, np.float64) * (1.0 + SCALE_ROUNDING)
+
+  # numpy float64 leaves: every consumer casts them inside enable_x64.
+  return dataclasses.replace(chain, ops=tuple(
+      dataclasses.replace(op, weight=np.asarray(op.weight, np.float64),
+                          in_scale=raise_(op.in_scale),
+                          out_scale=raise_(op.out_scale))
+      for op in chain.ops))
+
+
 def to_chain(network, *, slopes=None) -> LinearChain:
   """Converts what a user holds into a :class:`LinearChain`.
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import numpy as np
 
 from lipjax import exact as exact_lib
@@ -41,7 +40,8 @@ class NormCertificate:
     products: the ``(s, e)`` pairs.
     norms: float64 computed norms before the factor (exact norms, or
       ``sqrt`` of the largest Ritz value).
-    factors: what each norm is multiplied by to be certified.
+    upper: float64 certified upper bounds on the norms (what a bound uses).
+    factors: ``upper / norms`` (1 where a norm is 0), for reports.
     sources: ``"exact"`` or ``"lanczos"`` per product.
     dims: the dimension of the Gram matrix of each product (its smaller
       side).
@@ -53,6 +53,7 @@ class NormCertificate:
   """
   products: tuple[tuple[int, int], ...]
   norms: np.ndarray
+  upper: np.ndarray
   factors: np.ndarray
   sources: tuple[str, ...]
   dims: np.ndarray
@@ -64,8 +65,8 @@ class NormCertificate:
 
   @property
   def certified(self) -> np.ndarray:
-    """float64 ``norms * factors``: the upper bounds a certificate uses."""
-    return self.norms * self.factors
+    """float64 certified upper bounds: what a certificate uses."""
+    return self.upper
 
   @property
   def guarantee(self) -> str:
@@ -79,11 +80,12 @@ class NormCertificate:
     """One labelled dict per product, for reports and printing."""
     return [{"product": list(p), "layers": f"W_{p[1]}...W_{p[0]}",
              "source": src, "norm": float(n), "factor": float(f),
-             "certified_norm": float(n * f), "dim": int(d), "steps": int(k),
+             "certified_norm": float(up), "dim": int(d), "steps": int(k),
              "epsilon": float(e), "delta": float(dp)}
-            for p, n, f, src, d, k, e, dp in zip(
-                self.products, self.norms, self.factors, self.sources,
-                self.dims, self.steps, self.epsilons, self.deltas)]
+            for p, n, up, f, src, d, k, e, dp in zip(
+                self.products, self.norms, self.upper, self.factors,
+                self.sources, self.dims, self.steps, self.epsilons,
+                self.deltas)]
 
 
 def check_finite(chain: LinearChain) -> None:
@@ -96,6 +98,72 @@ def check_finite(chain: LinearChain) -> None:
             f"Layer {k} ({op.kind}) has a non-finite {name}: no bound can "
             "certify this network. Restore a checkpoint saved before the "
             "weights diverged.")
+
+
+U64 = 2.0**-53
+
+
+def _gamma64(n: int) -> float:
+  return n * U64 / (1.0 - n * U64)
+
+
+def abs_norm(op) -> float:
+  """Schur's bound ``sqrt(max row sum * max column sum)`` of ``|W|``.
+
+  An upper bound on the spectral norm of the entrywise absolute value of the
+  op's matrix (per-channel scales included), and so of the op itself.
+  """
+  w = np.abs(np.asarray(op.weight, np.float64))
+  c_in, c_out = w.shape[-2] if op.kind == "conv" else None, w.shape[-1]
+  in_scale = (np.ones(c_in if op.kind == "conv" else op.in_shape[-1])
+              if op.in_scale is None else np.abs(np.asarray(op.in_scale,
+                                                            np.float64)))
+  out_scale = (np.ones(c_out) if op.out_scale is None
+               else np.abs(np.asarray(op.out_scale, np.float64)))
+  if op.kind == "conv":
+    a = w * in_scale[None, None, :, None] * out_scale
+    rows, cols = a.sum(axis=(0, 1, 2)), a.sum(axis=(0, 1, 3))
+  else:  # [in, out]; the input scale repeats over the flattened positions.
+    repeat = w.shape[0] // in_scale.shape[0]
+    a = w * np.tile(in_scale, repeat)[:, None] * out_scale
+    rows, cols = a.sum(axis=0), a.sum(axis=1)
+  return float(np.sqrt(rows.max() * cols.max()))
+
+
+def _fan_in(op) -> int:
+  return int(math.prod(np.shape(op.weight)[:-1]))
+
+
+def matvec_error(chain, product, layer_norms: dict) -> float:
+  """A bound on ``||fl64(P^T P q) - P^T P q||`` (or ``P P^T``), unit ``q``.
+
+  Each layer's float64 evaluation adds at most ``gamma_{d+3} |W_k| |x_k|``
+  (``d`` its fan-in; 3 more roundings for the scales), whose norm is at most
+  ``gamma S_k ||x_k||`` with ``S_k`` :func:`abs_norm`; that error then goes
+  through the later layers exactly. With ``n_k >= ||W_k||``, one sweep is
+  off by at most ``F = prod n_k sum_k gamma_k S_k / n_k``, and the forward
+  plus adjoint sweeps by ``2 F prod n_k + F^2``. This scales with the
+  product of the layer norms, not with ``||P||``: a product that cancels
+  (its norm far below the product of its layers') gets a large allowance,
+  as it must, because float64 cannot resolve it.
+
+  Args:
+    chain: the chain (float64 values).
+    product: ``(s, e)``.
+    layer_norms: ``{k: n_k}``, upper bounds on the single-layer norms; a
+      missing layer uses :func:`abs_norm`.
+  """
+  s, e = product
+  norms, total = [], 0.0
+  for k in range(s, e + 1):
+    absolute = abs_norm(chain.ops[k])
+    n_k = layer_norms.get(k, absolute)
+    norms.append(n_k)
+    total += _gamma64(_fan_in(chain.ops[k]) + 3) * absolute / max(
+        n_k, np.finfo(np.float64).tiny)
+  scale = math.prod(norms)
+  f = scale * total
+  return 2.0 * f * scale + f * f
 
 
 def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
@@ -118,32 +186,75 @@ def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
   return np.asarray(norms, np.float64)
 
 
-def _lanczos_norms(chain, products, *, delta, seed, target_factor, max_steps,
-                   progress):
-  """Certified Lanczos norms; returns ``(run, bounds, details)``.
+def class_row_factor(chain, *, kind: str, layer_norms: dict) -> float:
+  """``1 + max_s a_s / g_s`` for the float64 class-row norms of a bound.
 
-  ``bounds`` are the certified squared norms per product; Lanczos stops once
-  every product of a batch has ``sqrt(bound / theta_max) <= target_factor``.
+  Per-class and pairwise bounds use the exact norms ``g_s = ||r^T W_{N-1}
+  ... W_s||`` of class rows ``r`` (``e_i`` or ``e_i - e_j``), computed in
+  float64 by pushing the rows through the adjoints. Each is off by at most
+  ``a_s = ||r|| F_s`` (:func:`matvec_error`'s one-sweep ``F`` for
+  ``W_{N-1} ... W_s``). The bounds are sums of the ``g_s`` with nonnegative
+  coefficients, so multiplying the bound by this factor covers every row.
+  A row norm of 0 gives an infinite factor (the bound then never
+  certifies).
+  """
+  if kind == "global":
+    return 1.0
+  from lipjax import bounds as bounds_lib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  n = chain.num_layers
+  with jax.enable_x64(True):
+    rows = bounds_lib.class_row_norms(chain.astype(np.float64), kind=kind)
+    rows = [np.asarray(g) for g in rows]
+  row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
+  worst = 0.0
+  for s_ in range(n):
+    norms, total = [], 0.0
+    for k in range(s_, n):
+      absolute = abs_norm(chain.ops[k])
+      n_k = layer_norms.get(k, absolute)
+      norms.append(n_k)
+      total += _gamma64(_fan_in(chain.ops[k]) + 3) * absolute / max(
+          n_k, np.finfo(np.float64).tiny)
+    allowance = row_norm * math.prod(norms) * total
+    smallest = float(np.min(rows[s_])) if rows[s_].size else math.inf
+    worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
+  return 1.0 + worst
+
+
+def _lanczos_run(chain, products, *, delta, seed, target_factor, max_steps,
+                 progress) -> lanczos.LanczosRun:
+  """Lanczos for ``products``, stopped once every factor is on target.
+
+  The stopping test ignores the evaluation error allowance (it only decides
+  when to stop; :func:`certify_norms` then certifies with it).
   """
   delta_p = delta / len(products)
   dims = {p: exact_lib.gram_size(chain, p).side for p in products}
 
-  def certify(batch, alphas, betas):
-    return [guarantee.certified_square_norm(a, b, dim=dims[p], delta=delta_p)
-            for p, a, b in zip(batch, alphas, betas)]
-
   def done(batch, alphas, betas):
-    for bound, details in certify(batch, alphas, betas):
+    for p, a, b in zip(batch, alphas, betas):
+      bound, details = guarantee.certified_square_norm(
+          a, b, dim=dims[p], delta=delta_p, kw_stops=_stops(max_steps))
       top = details["theta_max"]
       if not (top > 0 and bound <= target_factor**2 * top):
         return False
     return True
 
-  run = lanczos.run(jax.lax.stop_gradient(chain), products,
-                    max_steps=max_steps, done=done, seed=seed,
-                    progress=progress)
-  results = certify(run.products, run.alphas, run.betas)
-  return run, [b for b, _ in results], [d for _, d in results]
+  return lanczos.run(chain, products, max_steps=max_steps, done=done,
+                     seed=seed, progress=progress)
+
+
+def _stops(max_steps: int) -> int:
+  """How many steps Lanczos may stop at (after each chunk)."""
+  return -(-int(max_steps) // lanczos.CHUNK)
+
+
+def _singles_first(products) -> list[int]:
+  """Indices of ``products``, single layers first (their norms feed the
+  evaluation allowance of the longer products)."""
+  return sorted(range(len(products)),
+                key=lambda i: products[i][1] - products[i][0])
 
 
 def certify_norms(chain: LinearChain, products, *, use_exact,
@@ -152,7 +263,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   target_factor: float = guarantee.DEFAULT_TARGET_FACTOR,
                   max_steps: int = guarantee.DEFAULT_MAX_STEPS,
                   max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
-                  progress: bool = False) -> NormCertificate:
+                  progress: bool = False,
+                  layer_norms_out: dict | None = None) -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -166,6 +278,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
     max_steps: cap on the Krylov dimension.
     max_exact_bytes: per-product Gram matrix limit.
     progress: progress bars.
+    layer_norms_out: if given, receives ``{k: certified ||W_k||}`` for the
+      single-layer products (for :func:`class_row_factor`).
 
   Returns:
     A :class:`NormCertificate`.
@@ -180,31 +294,52 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                      f"{target_factor}.")
   products = tuple(tuple(p) for p in products)
   use_exact = np.asarray(use_exact, bool).reshape(len(products))
-  dims = np.asarray([exact_lib.gram_size(chain, p).side for p in products],
-                    np.int64)
-  norms = np.zeros(len(products))
-  factors = np.full(len(products), EXACT_SAFETY_FACTOR)
+  sides = np.asarray([exact_lib.gram_size(chain, p).side for p in products],
+                     np.int64)
+  random = [i for i, e in enumerate(use_exact) if not e]
+  exact_values = dict(zip(
+      [i for i, e in enumerate(use_exact) if e],
+      _exact_norms(chain, [p for p, e in zip(products, use_exact) if e],
+                   max_exact_bytes, progress)))
+  run = None
+  if random:
+    run = _lanczos_run(chain, [products[i] for i in random], delta=delta,
+                       seed=seed, target_factor=target_factor,
+                       max_steps=max_steps, progress=progress)
+  delta_p = delta / len(random) if random else 0.0
+  norms, upper = np.zeros(len(products)), np.zeros(len(products))
   steps = np.zeros(len(products), np.int64)
   epsilons, deltas = np.zeros(len(products)), np.zeros(len(products))
-  norms[use_exact] = _exact_norms(
-      chain, [p for p, e in zip(products, use_exact) if e], max_exact_bytes,
-      progress)
-  random = [i for i, e in enumerate(use_exact) if not e]
-  if random:
-    run, bounds, details = _lanczos_norms(
-        chain, [products[i] for i in random], delta=delta, seed=seed,
-        target_factor=target_factor, max_steps=max_steps, progress=progress)
-    seed = run.seed
-    for i, bound, d in zip(random, bounds, details):
+  layer_norms = {}  # Certified single-layer norms, for the allowances.
+  for i in _singles_first(products):
+    level = matvec_error(chain, products[i], layer_norms)
+    if use_exact[i]:
+      value = exact_values[i]
+      # Each Gram column is off by <= level: ||E|| <= sqrt(side) level.
+      square = value**2 + math.sqrt(sides[i]) * level
+      norms[i] = value
+      certified = math.sqrt(square) * EXACT_SAFETY_FACTOR
+    else:
+      r = run.products.index(products[i])
+      bound, d = guarantee.certified_square_norm(
+          run.alphas[r], run.betas[r], dim=int(sides[i]), delta=delta_p,
+          matvec_error=level, kw_stops=_stops(max_steps))
       norms[i] = math.sqrt(d["theta_max"])
-      factors[i] = math.sqrt(bound / d["theta_max"]) if bound > 0 else 1.0
-      steps[i], epsilons[i] = d["steps"], d["kw_epsilon"]
-      deltas[i] = delta / len(random)
-  if not np.all(np.isfinite(norms * factors)) or np.any(norms < 0):
+      certified = math.sqrt(bound)
+      steps[i], epsilons[i], deltas[i] = d["steps"], d["kw_epsilon"], delta_p
+    upper[i] = certified
+    if products[i][0] == products[i][1]:
+      layer_norms[products[i][0]] = certified
+  if not np.all(np.isfinite(upper)) or np.any(norms < 0):
     raise ValueError(f"A product norm came out non-finite or negative "
                      f"({norms}); refusing to certify with it.")
+  seed = run.seed if run is not None else None
+  if layer_norms_out is not None:
+    layer_norms_out.update(layer_norms)
   return NormCertificate(
-      products=products, norms=norms, factors=factors,
+      products=products, norms=norms, upper=upper,
+      factors=np.where(norms > 0, upper / np.where(norms > 0, norms, 1.0),
+                       1.0),
       sources=tuple("exact" if e else "lanczos" for e in use_exact),
-      dims=dims, steps=steps, epsilons=epsilons, deltas=deltas,
-      delta=float(deltas.sum()), seed=seed if random else None)
+      dims=sides, steps=steps, epsilons=epsilons, deltas=deltas,
+      delta=float(deltas.sum()), seed=seed)

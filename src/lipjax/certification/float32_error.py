@@ -179,19 +179,25 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
     keep = _row_l2(by_abs) <= by_l2
     keep_rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
     new_fresh = rounding + jnp.where(keep_rows, by_abs, 0.0)
-    new_xi = through * xi + jnp.where(keep, 0.0, by_l2) + g * absolute * xi
-    new_beta = through * beta + g * absolute * (beta + move)
-    if layer.bn_mul is not None:
-      mul, g3 = jnp.abs(layer.bn_mul), _gamma(3)
+    # Propagated errors (through the certified norm, which already holds
+    # batch norm's scale) and this layer's rounding (before the scale).
+    prop_xi = through * xi + jnp.where(keep, 0.0, by_l2)
+    round_xi = g * absolute * xi
+    prop_beta, round_beta = through * beta, g * absolute * (beta + move)
+    if layer.bn_mul is None:
+      new_xi, new_beta = prop_xi + round_xi, prop_beta + round_beta
+    else:
+      # BN rounds 3 times; its multiplier may also differ from the device's
+      # by a few ulps (another computation of gamma * rsqrt(var + eps)).
+      mul, g3 = jnp.abs(layer.bn_mul), _gamma(3) + 4.0 * U32
+      top = jnp.max(mul)
       bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
-      # The conv's fresh error passes through the scale; BN rounds 3 times.
       new_fresh = mul * new_fresh * (1.0 + g3) + g3 * (
           mul * (jnp.abs(z) + new_fresh + jnp.abs(layer.bn_mean))
           + bn_bias) + UNDERFLOW
-      # ``through`` already holds the scale; its rounding adds 2 gamma_3.
-      new_xi = new_xi * (1.0 + 2.0 * g3)
-      new_beta = new_beta * (1.0 + 2.0 * g3) + g3 * jnp.max(mul) * (
-          absolute * move)
+      new_xi = (prop_xi + top * round_xi) * (1.0 + 2.0 * g3)
+      new_beta = (prop_beta + top * round_beta) * (1.0 + 2.0 * g3) + (
+          g3 * top * absolute * move)
       z = (z - layer.bn_mean) * layer.bn_mul + (
           0.0 if layer.bn_bias is None else layer.bn_bias)
     fresh, xi, beta = new_fresh, new_xi, new_beta
@@ -250,13 +256,15 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
   """
   with jax.enable_x64(True):
     layers = _layers(model)
-    std = np.asarray(model.input_std, np.float64)
+    # The deployed network's constants are float32: the exact network that
+    # the error is measured against uses the same values.
+    std = np.asarray(model.input_std, np.float32).astype(np.float64)
+    mean32 = np.asarray(model.input_mean, np.float32).astype(np.float64)
     fresh, xi, beta = _propagate(
         layers, jnp.asarray(np.asarray(images, np.float64)),
         jnp.asarray(np.asarray(layer_norms, np.float64)),
         jnp.asarray(np.asarray(lipschitz_to, np.float64)),
-        jnp.asarray(1.0 / std), jnp.asarray(np.asarray(model.input_mean,
-                                                      np.float64)),
+        jnp.asarray(1.0 / std), jnp.asarray(mean32),
         float(std.max()), activation=model.activation)
     slack = 1.0 + 1e-9
     return EvaluationError(elementwise=np.asarray(fresh) * slack,

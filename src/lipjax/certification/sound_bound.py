@@ -68,8 +68,8 @@ def _layer_bounds(chain, certified: dict) -> dict[str, np.ndarray]:
   LipLT bound from the input to each layer's output before its activation.
   """
   n = chain.num_layers
-  last = exact_lib.product_norm(chain, (n - 1, n - 1)) * (
-      norm_certificates.EXACT_SAFETY_FACTOR)
+  last = float(norm_certificates.certify_norms(
+      chain, [(n - 1, n - 1)], use_exact=[True]).certified[0])
   layer_norms = np.asarray([certified[(k, k)] for k in range(n - 1)]
                            + [last], np.float64)
   products = [p for p in bounds_lib.required_products(
@@ -117,27 +117,31 @@ def sound_bound(model, *, method: str, kind: str,
   bounds_lib.check_method_kind(method, kind)
   if exact not in (False, True, "auto"):
     raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
-  chain = linear_maps.to_chain(model)
+  chain = linear_maps.with_scales_rounded_up(linear_maps.to_chain(model))
   products = bounds_lib.required_products(chain.num_layers, method="liplt",
                                           kind=kind)
   sizes = [exact_lib.gram_size(chain, p) for p in products]
+  layer_norms = {}
   certificate = norm_certificates.certify_norms(
       chain, products, use_exact=_exact_choice(sizes, exact, max_exact_bytes),
       delta=delta, seed=seed, target_factor=target_factor,
       max_steps=max_steps, max_exact_bytes=max_exact_bytes,
-      progress=progress)
+      progress=progress, layer_norms_out=layer_norms)
   certified = dict(zip(products, certificate.certified))
+  rows = norm_certificates.class_row_factor(chain, kind=kind,
+                                            layer_norms=layer_norms)
   results = {}
   for name in ("liplt", "naive"):
     needed = bounds_lib.required_products(chain.num_layers, method=name,
                                           kind=kind)
-    results[name] = api.assemble_bound_float64(
+    value = api.assemble_bound_float64(
         chain, np.asarray([certified[p] for p in needed], np.float64),
         method=name, kind=kind, large_class_threshold=large_class_threshold)
+    results[name] = api.round_up_to_float32(value.astype(np.float64) * rows)
   results["bound"] = results[method]
   results.update(_layer_bounds(chain, certified))
-  rows = certificate.rows()
-  for row, size in zip(rows, sizes):
+  product_rows = certificate.rows()
+  for row, size in zip(product_rows, sizes):
     row.update(in_dim=size.in_dim, out_dim=size.out_dim,
                gram_side=size.side, gram_gib=size.gram_bytes / 2**30)
   report = {
@@ -147,7 +151,7 @@ def sound_bound(model, *, method: str, kind: str,
       "delta_requested": delta, "seed": certificate.seed,
       "target_factor": target_factor,
       "exact_requested": exact, "max_exact_gib": max_exact_bytes / 2**30,
-      "products": rows,
+      "products": product_rows, "class_row_factor": rows,
       "used_by_method": [list(p) for p in bounds_lib.required_products(
           chain.num_layers, method=method, kind=kind)],
       "note": ("Norms involving the last layer contracted with class "
