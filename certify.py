@@ -32,6 +32,11 @@ flags.DEFINE_bool("exact", False, "Exact norms for every product (a "
                   "--max_exact_gib. Default: exact where it fits, float64 "
                   "Lanczos from fresh random starts elsewhere (fails with "
                   "probability at most --delta).")
+flags.DEFINE_enum("guarantee", "randomized", ["randomized", "deterministic"],
+                  "For the products whose Gram matrix exceeds "
+                  "--max_exact_gib: 'randomized' (Lanczos, fails with "
+                  "probability at most --delta) or 'deterministic' (a bound "
+                  "by proof: exact segments and conv symbol bounds; looser).")
 flags.DEFINE_float("delta", 1e-9, "Failure probability of the whole "
                    "certificate over the Lanczos start vectors.")
 flags.DEFINE_integer("bound_seed", None, "Seed of the Lanczos start vectors "
@@ -77,6 +82,7 @@ def main(argv):
         pgd_restarts=FLAGS.pgd_restarts,
         attack_certified=FLAGS.attack_certified, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, delta=FLAGS.delta, bound_seed=FLAGS.bound_seed,
+        guarantee_kind=FLAGS.guarantee,
         num_examples=FLAGS.num_examples,
         data_dir=FLAGS.data_dir, bound_scale=FLAGS.bound_scale,
         progress=FLAGS.progress)

@@ -32,7 +32,7 @@ import numpy as np
 
 from lipjax import bounds as bounds_lib
 from lipjax import exact as exact_lib
-from lipjax import guarantee
+from lipjax import guarantee as guarantee_lib
 from lipjax import linear_maps
 from lipjax import norm_certificates
 from lipjax import power_iteration
@@ -176,14 +176,22 @@ def _training_bound(chain, state, iterations: int, *, method, kind, diagonal,
   return value, state
 
 
-def _certified_bound(chain, products, *, method, kind, exact, delta, seed,
-                     target_factor, max_steps, safety_factor, diagonal,
-                     large_class_threshold, max_exact_bytes, progress):
+GUARANTEES = ("randomized", "deterministic")
+
+
+def _certified_bound(chain, products, *, method, kind, exact, guarantee_kind,
+                     delta, seed, target_factor, max_steps, safety_factor,
+                     diagonal, large_class_threshold, max_exact_bytes,
+                     progress):
   """The certified mode of :func:`bound`; returns ``(value, info)``."""
   if exact not in (False, True, "auto"):
     raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
+  if guarantee_kind not in GUARANTEES:
+    raise ValueError(f"guarantee must be one of {GUARANTEES}, got "
+                     f"{guarantee_kind!r}.")
+  deterministic = guarantee_kind == "deterministic"
   use_exact = np.asarray(
-      [bool(exact) if exact != "auto"
+      [bool(exact) if exact != "auto" and not deterministic
        else exact_lib.fits(chain, p, max_exact_bytes) for p in products],
       dtype=bool)
   if safety_factor is not None and not use_exact.all():
@@ -199,7 +207,7 @@ def _certified_bound(chain, products, *, method, kind, exact, delta, seed,
       chain, products, use_exact=use_exact, delta=delta, seed=seed,
       target_factor=target_factor, max_steps=max_steps,
       max_exact_bytes=max_exact_bytes, progress=progress,
-      layer_norms_out=layer_norms)
+      layer_norms_out=layer_norms, deterministic=deterministic)
   if safety_factor is None:
     factors, upper = certificate.factors, certificate.certified
   else:
@@ -225,9 +233,10 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
           state: power_iteration.PowerState | None = None,
           key: jax.Array | None = None, return_state: bool = False,
           return_info: bool = False, exact: bool | str = False,
-          delta: float = guarantee.DEFAULT_DELTA, seed: int | None = None,
-          target_factor: float = guarantee.DEFAULT_TARGET_FACTOR,
-          max_steps: int = guarantee.DEFAULT_MAX_STEPS,
+          guarantee: str = "randomized",
+          delta: float = guarantee_lib.DEFAULT_DELTA, seed: int | None = None,
+          target_factor: float = guarantee_lib.DEFAULT_TARGET_FACTOR,
+          max_steps: int = guarantee_lib.DEFAULT_MAX_STEPS,
           safety_factor: float | None = None, diagonal: float = 0.0,
           large_class_threshold: int = bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD,
           max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
@@ -262,6 +271,11 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
     exact: True for float64 Gram-matrix norms everywhere (deterministic),
       ``"auto"`` for exact norms where they fit in ``max_exact_bytes`` and
       Lanczos elsewhere, False for Lanczos everywhere.
+    guarantee: ``"randomized"`` (default): products without exact norms are
+      bounded by Lanczos, with failure probability ``delta``;
+      ``"deterministic"``: exact norms where the Gram matrix fits, and a
+      bound by proof elsewhere (products of exact segments and conv symbol
+      bounds, :mod:`lipjax.deterministic`; looser). No probability.
     delta: the certificate's failure probability over the Lanczos start
       vectors, split evenly over the Lanczos products.
     seed: seed of the Lanczos start vectors; None (default) draws a fresh one
@@ -310,7 +324,8 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
 
   _check_state_products(state, products, method, kind)
   value, info = _certified_bound(
-      chain, products, method=method, kind=kind, exact=exact, delta=delta,
+      chain, products, method=method, kind=kind, exact=exact,
+      guarantee_kind=guarantee, delta=delta,
       seed=seed, target_factor=target_factor, max_steps=max_steps,
       safety_factor=safety_factor, diagonal=diagonal,
       large_class_threshold=large_class_threshold,

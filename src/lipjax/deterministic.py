@@ -6,13 +6,14 @@ an exact Gram matrix.
   segments whose float64 Gram matrix fits ``max_bytes``; each of those gets
   its exact norm (:mod:`lipjax.exact`).
 * **A single conv too large for a Gram matrix** gets its symbol bound. A
-  zero-padded convolution of any stride on an ``H x W`` input is
-  ``R C E``: ``E`` embeds the padded input into an ``N1 x N2`` grid with
-  ``N1 >= H + pad_top + pad_bottom`` (no wrap-around can reach an output),
-  ``C`` is the circular stride-1 convolution on that grid, and ``R`` keeps
-  the output positions (every ``stride``-th one). ``E`` and ``R`` have norm
-  1, so ``||conv|| <= ||C|| = max_w ||K^(w)||`` over the ``N1 N2`` grid
-  frequencies, ``K^(w)`` the ``c_out x c_in`` Fourier symbol (with the
+  zero-padded convolution with stride ``s`` on an ``H x W`` input is, after
+  rearranging the padded input into its ``s x s`` phases as channels (an
+  orthogonal map), a stride-1 convolution of the phases, which is ``R C E``:
+  ``E`` embeds the phases into an ``N1 x N2`` grid large enough that no
+  wrap-around reaches an output, ``C`` is the circular convolution on that
+  grid, and ``R`` keeps the output positions. ``E`` and ``R`` have norm 1, so
+  ``||conv|| <= ||C|| = max_w ||K^(w)||`` over the ``N1 N2`` grid
+  frequencies, ``K^(w)`` the ``c_out x (s^2 c_in)`` Fourier symbol (with the
   per-channel input and output scales folded in). Computed in float64 with
   numpy's FFT and SVD, times ``1 + SYMBOL_MARGIN``. (The circular norm of the
   same conv at size ``N = H``, or the symbol of a *product* of convs, would
@@ -46,8 +47,33 @@ class Factor:
   norm: float  # Already times its own margin.
 
 
+def _space_to_depth_kernel(kernel: np.ndarray, stride: tuple[int, int]
+                           ) -> np.ndarray:
+  """The stride-1 kernel of a strided conv seen on space-to-depth inputs.
+
+  With ``x_r[j] = x[s j + r]`` (the ``s x s`` phases of the padded input as
+  channels), ``y[i] = sum_a K[a] x[s i + a] = sum_{b, r} K[s b + r] x_r[i + b]``:
+  kernel ``[ceil(kh/sh), ceil(kw/sw), sh sw c_in, c_out]``, zero where
+  ``s b + r`` falls outside the original kernel.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  sh, sw = stride
+  bh, bw = -(-kh // sh), -(-kw // sw)
+  padded = np.zeros((bh * sh, bw * sw, c_in, c_out))
+  padded[:kh, :kw] = kernel
+  # [bh, sh, bw, sw, ci, co] -> [bh, bw, sh, sw, ci, co] -> merge phases.
+  blocks = padded.reshape(bh, sh, bw, sw, c_in, c_out).transpose(
+      0, 2, 1, 3, 4, 5)
+  return blocks.reshape(bh, bw, sh * sw * c_in, c_out)
+
+
 def conv_symbol_norm(op) -> float:
   """The symbol bound of one conv :class:`~lipjax.linear_maps.LinearOp`.
+
+  The padded input is rearranged into its ``stride x stride`` phases (an
+  orthogonal map), which turns the strided conv into a stride-1 conv of
+  the phases; that conv is the restriction of a circular one on a grid large
+  enough that no wrap-around reaches an output.
 
   Returns:
     An upper bound on the op's spectral norm (float, margin included).
@@ -55,16 +81,20 @@ def conv_symbol_norm(op) -> float:
   if op.kind != "conv":
     raise ValueError("conv_symbol_norm needs a conv op.")
   kernel = np.asarray(op.weight, np.float64)  # [kh, kw, c_in, c_out]
-  kh, kw, _, _ = kernel.shape
-  (pt, pb), (pl, pr) = op.padding
-  height, width, _ = op.in_shape
-  n1 = max(height + pt + pb, kh)
-  n2 = max(width + pl + pr, kw)
   if op.in_scale is not None:
     kernel = kernel * np.asarray(op.in_scale, np.float64)[None, None, :, None]
   if op.out_scale is not None:
     kernel = kernel * np.asarray(op.out_scale, np.float64)[None, None, None]
-  symbol = np.fft.fft2(kernel, s=(n1, n2), axes=(0, 1))  # [n1, n2, ci, co]
+  (pt, pb), (pl, pr) = op.padding
+  height, width, _ = op.in_shape
+  out_h, out_w, _ = op.out_shape
+  sh, sw = op.strides
+  phased = _space_to_depth_kernel(kernel, (sh, sw))
+  bh, bw = phased.shape[:2]
+  # The phases have ceil((H + pads) / s) rows; outputs read rows i + b.
+  n1 = max(-(-(height + pt + pb) // sh), out_h + bh - 1, bh)
+  n2 = max(-(-(width + pl + pr) // sw), out_w + bw - 1, bw)
+  symbol = np.fft.fft2(phased, s=(n1, n2), axes=(0, 1))  # [n1, n2, ci', co]
   top = np.linalg.svd(symbol.reshape(n1 * n2, *symbol.shape[2:]),
                       compute_uv=False)[:, 0]
   return float(np.max(top)) * (1.0 + SYMBOL_MARGIN)
@@ -80,7 +110,7 @@ def _segment_end(chain, start: int, end: int, max_bytes: int) -> int:
 
 
 def split_bound(chain: LinearChain, product: Product, *, max_bytes: int,
-                cache: dict) -> tuple[float, tuple[Factor, ...]]:
+                cache: dict, exact_norm) -> tuple[float, tuple[Factor, ...]]:
   """A deterministic upper bound on ``||W_e ... W_s||`` and its factors.
 
   Args:
@@ -88,6 +118,8 @@ def split_bound(chain: LinearChain, product: Product, *, max_bytes: int,
     product: ``(s, e)``.
     max_bytes: the Gram matrix limit of one exact segment.
     cache: shared between calls, so that a segment's norm is computed once.
+    exact_norm: ``(segment) -> float``, the certified norm of a segment whose
+      Gram matrix fits (with its rounding allowances).
 
   Returns:
     ``(bound, factors)``; the bound is the product of the factors' norms.
@@ -103,13 +135,13 @@ def split_bound(chain: LinearChain, product: Product, *, max_bytes: int,
       if chain.ops[s].kind != "conv":
         exact_lib.product_norm(chain, (s, s), max_bytes=max_bytes)  # raises
       key, source, last = (s, s), "symbol", s
-      if key not in cache:
-        cache[key] = conv_symbol_norm(chain.ops[s])
+      if (key, source) not in cache:
+        cache[key, source] = conv_symbol_norm(chain.ops[s])
     else:
       key, source = (s, last), "exact"
-      if key not in cache:
-        cache[key] = exact_lib.product_norm(chain, key, max_bytes=max_bytes) * (
-            1.0 + 1e-5)
-    factors.append(Factor(product=key, source=source, norm=cache[key]))
+      if (key, source) not in cache:
+        cache[key, source] = exact_norm(key)
+    factors.append(Factor(product=key, source=source,
+                          norm=cache[key, source]))
     s = last + 1
   return math.prod(f.norm for f in factors), tuple(factors)

@@ -6,6 +6,8 @@ A certifying bound needs an *upper* bound on every product norm
 * ``"exact"``: the float64 Gram matrix on the smaller side and ``eigvalsh``
   (:mod:`lipjax.exact`), times ``EXACT_SAFETY_FACTOR`` (1 + 1e-5, covering
   float64 rounding with a wide margin). No probability.
+* ``"split"`` (deterministic mode): a product of exact segment norms and
+  conv symbol bounds (:mod:`lipjax.deterministic`). No probability.
 * ``"lanczos"``: float64 Lanczos from a fresh random start
   (:mod:`lipjax.lanczos`), times the factor of :mod:`lipjax.guarantee`; it
   fails with probability at most ``delta_p`` over the start vector. The
@@ -23,6 +25,7 @@ import math
 
 import numpy as np
 
+from lipjax import deterministic as deterministic_lib
 from lipjax import exact as exact_lib
 from lipjax import guarantee
 from lipjax import lanczos
@@ -50,6 +53,9 @@ class NormCertificate:
     deltas: failure probability per product (0 for exact).
     delta: the certificate's total failure probability (0 if all exact).
     seed: seed of the Lanczos start vectors, or None if none ran.
+    splits: ``{product: factors}`` for ``"split"`` products (deterministic
+      mode): the segments, each ``"exact"`` or ``"symbol"``, whose norms
+      multiply to the bound.
   """
   products: tuple[tuple[int, int], ...]
   norms: np.ndarray
@@ -62,6 +68,7 @@ class NormCertificate:
   deltas: np.ndarray
   delta: float
   seed: int | None
+  splits: dict = dataclasses.field(default_factory=dict)
 
   @property
   def certified(self) -> np.ndarray:
@@ -72,13 +79,17 @@ class NormCertificate:
   def guarantee(self) -> str:
     """One sentence: what the certificate rests on."""
     if "lanczos" not in self.sources:
+      if "split" in self.sources:
+        return ("deterministic: exact float64 Gram norms, and for products "
+                "too large for one, products of exact segment norms and "
+                "conv symbol bounds")
       return "deterministic: every product norm is an exact float64 Gram norm"
     return (f"randomized: holds with probability >= 1 - {self.delta:.3g} "
             f"over the Lanczos start vectors (seed {self.seed})")
 
   def rows(self) -> list[dict]:
     """One labelled dict per product, for reports and printing."""
-    return [{"product": list(p), "layers": f"W_{p[1]}...W_{p[0]}",
+    rows = [{"product": list(p), "layers": f"W_{p[1]}...W_{p[0]}",
              "source": src, "norm": float(n), "factor": float(f),
              "certified_norm": float(up), "dim": int(d), "steps": int(k),
              "epsilon": float(e), "delta": float(dp)}
@@ -86,6 +97,13 @@ class NormCertificate:
                 self.products, self.norms, self.upper, self.factors,
                 self.sources, self.dims, self.steps, self.epsilons,
                 self.deltas)]
+    for row in rows:
+      split = self.splits.get(tuple(row["product"]))
+      if split:
+        row["segments"] = [{"layers": f"W_{f.product[1]}...W_{f.product[0]}",
+                            "source": f.source, "norm": f.norm}
+                           for f in split]
+    return rows
 
 
 def check_finite(chain: LinearChain) -> None:
@@ -264,7 +282,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   max_steps: int = guarantee.DEFAULT_MAX_STEPS,
                   max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
                   progress: bool = False,
-                  layer_norms_out: dict | None = None) -> NormCertificate:
+                  layer_norms_out: dict | None = None,
+                  deterministic: bool = False) -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -280,6 +299,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
     progress: progress bars.
     layer_norms_out: if given, receives ``{k: certified ||W_k||}`` for the
       single-layer products (for :func:`class_row_factor`).
+    deterministic: the products without exact norms get a bound by proof
+      (:func:`lipjax.deterministic.split_bound`) instead of Lanczos.
 
   Returns:
     A :class:`NormCertificate`.
@@ -296,7 +317,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   use_exact = np.asarray(use_exact, bool).reshape(len(products))
   sides = np.asarray([exact_lib.gram_size(chain, p).side for p in products],
                      np.int64)
-  random = [i for i, e in enumerate(use_exact) if not e]
+  # Deterministic mode splits the products without exact norms instead.
+  random = [i for i, e in enumerate(use_exact) if not e and not deterministic]
   exact_values = dict(zip(
       [i for i, e in enumerate(use_exact) if e],
       _exact_norms(chain, [p for p, e in zip(products, use_exact) if e],
@@ -311,14 +333,25 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   steps = np.zeros(len(products), np.int64)
   epsilons, deltas = np.zeros(len(products)), np.zeros(len(products))
   layer_norms = {}  # Certified single-layer norms, for the allowances.
+  splits, segment_cache = {}, {}
+
+  def exact_certified(product, value):
+    # Each Gram column is off by <= level: ||E|| <= sqrt(side) level.
+    level = matvec_error(chain, product, layer_norms)
+    side = exact_lib.gram_size(chain, product).side
+    return math.sqrt(value**2 + math.sqrt(side) * level) * EXACT_SAFETY_FACTOR
+
   for i in _singles_first(products):
     level = matvec_error(chain, products[i], layer_norms)
     if use_exact[i]:
-      value = exact_values[i]
-      # Each Gram column is off by <= level: ||E|| <= sqrt(side) level.
-      square = value**2 + math.sqrt(sides[i]) * level
-      norms[i] = value
-      certified = math.sqrt(square) * EXACT_SAFETY_FACTOR
+      norms[i] = exact_values[i]
+      certified = exact_certified(products[i], exact_values[i])
+    elif deterministic:
+      certified, splits[products[i]] = deterministic_lib.split_bound(
+          chain, products[i], max_bytes=max_exact_bytes, cache=segment_cache,
+          exact_norm=lambda seg: exact_certified(seg, exact_lib.product_norm(
+              chain, seg, max_bytes=max_exact_bytes)))
+      norms[i] = certified
     else:
       r = run.products.index(products[i])
       bound, d = guarantee.certified_square_norm(
@@ -340,6 +373,7 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       products=products, norms=norms, upper=upper,
       factors=np.where(norms > 0, upper / np.where(norms > 0, norms, 1.0),
                        1.0),
-      sources=tuple("exact" if e else "lanczos" for e in use_exact),
+      sources=tuple("exact" if e else ("split" if deterministic else
+                                       "lanczos") for e in use_exact),
       dims=sides, steps=steps, epsilons=epsilons, deltas=deltas,
-      delta=float(deltas.sum()), seed=seed)
+      delta=float(deltas.sum()), seed=seed, splits=splits)

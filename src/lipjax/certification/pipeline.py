@@ -112,14 +112,15 @@ def _eps_in_pixels(config, eps, scale: float) -> np.ndarray:
 
 
 def bound_phase(restored, *, exact, max_exact_gib: float, delta: float,
-                bound_seed: int | None, bound_scale: float, progress: bool):
+                bound_seed: int | None, bound_scale: float, progress: bool,
+                guarantee_kind: str = "randomized"):
   """The config's bound, certified; returns ``(bounds, bound_report, lip)``."""
   b = restored.config.bound
   bounds, bound_report = sound_bound.sound_bound(
       restored.model, method=b.method, kind=b.kind, exact=exact,
       max_exact_bytes=int(max_exact_gib * 2**30),
       large_class_threshold=b.large_class_threshold, delta=delta,
-      seed=bound_seed, progress=progress)
+      seed=bound_seed, progress=progress, guarantee_kind=guarantee_kind)
   lip = bounds["bound"] * np.float32(bound_scale)
   bound_report["bound_scale"] = bound_scale
   return bounds, bound_report, lip
@@ -259,7 +260,7 @@ def run(workdir: str, *, checkpoint: int | None = None,
         pgd_restarts: int = 2, attack_certified: bool = False,
         batch_size: int | None = None, seed: int = 0,
         delta: float = guarantee.DEFAULT_DELTA,
-        bound_seed: int | None = None,
+        bound_seed: int | None = None, guarantee_kind: str = "randomized",
         num_examples: int | None = None, data_dir: str | None = None,
         bound_scale: float = 1.0, progress: bool = True) -> dict:
   """Certifies a training workdir; returns the report (see module doc).
@@ -284,6 +285,8 @@ def run(workdir: str, *, checkpoint: int | None = None,
       vectors of the products without exact norms).
     bound_seed: seed of the Lanczos start vectors; None draws a fresh one
       from the operating system (recorded in the report).
+    guarantee_kind: ``"randomized"`` or ``"deterministic"`` (for the
+      products whose Gram matrix does not fit; see :func:`lipjax.bound`).
     num_examples: certify only the first N examples of the split.
     data_dir: TFDS data_dir override.
     bound_scale: multiplies the certifying bound. Testing only: a value
@@ -309,7 +312,8 @@ def run(workdir: str, *, checkpoint: int | None = None,
   t = time.perf_counter()
   bounds, bound_report, lip = bound_phase(
       restored, exact=exact, max_exact_gib=max_exact_gib, delta=delta,
-      bound_seed=bound_seed, bound_scale=bound_scale, progress=progress)
+      bound_seed=bound_seed, bound_scale=bound_scale, progress=progress,
+      guarantee_kind=guarantee_kind)
   timings["bound"] = time.perf_counter() - t
   log(f"bound: {config.bound.method}/{config.bound.kind}, "
       f"{bound_report['guarantee']} ({timings['bound']:.1f} s)")

@@ -86,6 +86,7 @@ def sound_bound(model, *, method: str, kind: str,
                 max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
                 large_class_threshold: int = (
                     bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD),
+                guarantee_kind: str = "randomized",
                 delta: float = guarantee.DEFAULT_DELTA,
                 seed: int | None = None,
                 target_factor: float = guarantee.DEFAULT_TARGET_FACTOR,
@@ -99,6 +100,9 @@ def sound_bound(model, *, method: str, kind: str,
     exact: True, ``"auto"`` or False.
     max_exact_bytes: per-product Gram matrix limit.
     large_class_threshold: as in :func:`lipjax.bound`.
+    guarantee_kind: ``"randomized"`` (Lanczos where exact norms do not fit)
+      or ``"deterministic"`` (a bound by proof there; see
+      :func:`lipjax.bound`).
     delta: failure probability of the whole certificate (Lanczos norms).
     seed: Lanczos start-vector seed; None draws one from OS entropy.
     target_factor, max_steps: Lanczos settings (see :func:`lipjax.bound`).
@@ -117,6 +121,12 @@ def sound_bound(model, *, method: str, kind: str,
   bounds_lib.check_method_kind(method, kind)
   if exact not in (False, True, "auto"):
     raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
+  if guarantee_kind not in api.GUARANTEES:
+    raise ValueError(f"guarantee must be one of {api.GUARANTEES}, got "
+                     f"{guarantee_kind!r}.")
+  deterministic = guarantee_kind == "deterministic"
+  if deterministic and exact is False:
+    exact = "auto"  # Exact wherever it fits, a proof elsewhere.
   chain = linear_maps.with_scales_rounded_up(linear_maps.to_chain(model))
   products = bounds_lib.required_products(chain.num_layers, method="liplt",
                                           kind=kind)
@@ -126,7 +136,8 @@ def sound_bound(model, *, method: str, kind: str,
       chain, products, use_exact=_exact_choice(sizes, exact, max_exact_bytes),
       delta=delta, seed=seed, target_factor=target_factor,
       max_steps=max_steps, max_exact_bytes=max_exact_bytes,
-      progress=progress, layer_norms_out=layer_norms)
+      progress=progress, layer_norms_out=layer_norms,
+      deterministic=deterministic)
   certified = dict(zip(products, certificate.certified))
   rows = norm_certificates.class_row_factor(chain, kind=kind,
                                             layer_norms=layer_norms)
@@ -146,7 +157,8 @@ def sound_bound(model, *, method: str, kind: str,
                gram_side=size.side, gram_gib=size.gram_bytes / 2**30)
   report = {
       "method": method, "kind": kind,
-      "mode": "randomized" if "lanczos" in certificate.sources else "exact",
+      "mode": ("randomized" if "lanczos" in certificate.sources else
+               "deterministic" if "split" in certificate.sources else "exact"),
       "guarantee": certificate.guarantee, "delta": certificate.delta,
       "delta_requested": delta, "seed": certificate.seed,
       "target_factor": target_factor,
