@@ -277,3 +277,19 @@ def test_batch_norm_model_trains_and_certifies_soundly(tmp_path):
     norm.scale.set_value(jnp.ones_like(norm.scale[...]))
   assert not np.allclose(np.asarray(lipjax.bound(model, exact=True)),
                          np.asarray(with_bn))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eps=()), "--eps is empty"),
+    (dict(eps=(float("nan"),)), "finite"),
+    (dict(eps=(float("inf"),)), "finite"),
+    (dict(eps=(-0.1,)), ">= 0"),
+    (dict(num_examples=-5), "num_examples"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(pgd_steps=0), "pgd_steps"),
+    (dict(delta=0.0), "delta"),
+])
+def test_bad_settings_are_refused_before_any_work(kwargs, match, tmp_path):
+  # The workdir does not even exist: the settings are checked first.
+  with pytest.raises(ValueError, match=match):
+    pipeline.run(str(tmp_path / "missing"), progress=False, **kwargs)

@@ -101,6 +101,22 @@ def _select_examples(restored, split: str, num_examples: int | None
   return dataset
 
 
+def _check_arguments(*, eps, num_examples, batch_size, delta) -> None:
+  """Refuses bad settings before any work, each with the fix in one line."""
+  if eps is not None:
+    values = [float(e) for e in eps]
+    if not values:
+      raise ValueError("--eps is empty: give radii, e.g. --eps 0.1,0.5, or "
+                       "leave it out for the dataset's defaults.")
+    if not all(np.isfinite(values)) or min(values) < 0:
+      raise ValueError(f"--eps must be finite and >= 0, got {values}.")
+  if num_examples is not None and num_examples < 1:
+    raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+  guarantee.check_delta(delta)
+
+
 def _eps_in_pixels(config, eps, scale: float) -> np.ndarray:
   """Sorted float64 ε list in pixel units (the default list if None)."""
   eps_pixel = np.asarray(sorted(
@@ -296,6 +312,8 @@ def run(workdir: str, *, checkpoint: int | None = None,
       run is.
   """
   pgd = _pgd_settings(pgd_steps, pgd_restarts)
+  _check_arguments(eps=eps, num_examples=num_examples, batch_size=batch_size,
+                   delta=delta)
   timings, t0 = {}, time.perf_counter()
   restored = workdir_lib.restore(workdir, checkpoint=checkpoint,
                                  data_dir=data_dir)
@@ -304,7 +322,8 @@ def run(workdir: str, *, checkpoint: int | None = None,
   dataset = _select_examples(restored, split, num_examples)
   scale = pixels_per_normalized_unit(config) if normalized_units else 1.0
   eps_pixel = _eps_in_pixels(config, eps, scale)
-  batch_size = int(batch_size or config.eval.batch_size)
+  batch_size = int(config.eval.batch_size if batch_size is None
+                   else batch_size)
   log(f"restored {restored.workdir} step {restored.step}: {len(dataset)} "
       f"{split} examples ({timings['restore_and_data']:.1f} s)")
   key = jax.random.key(seed)
