@@ -256,3 +256,29 @@ def test_folded_scales_are_rounded_up():
   # fl32(1 / fl32(0.3)) may sit below 1 / 0.3; the raised scale does not.
   assert raised.ops[0].in_scale[0] > 1.0 / np.float64(np.float32(0.3))
   assert raised.ops[0].in_scale.dtype == np.float64
+
+
+def test_many_classes_use_only_the_last_layer_rows(monkeypatch):
+  # Above the large-class threshold the pairwise bound uses the fallback,
+  # and the rounding factor of its class rows must not push K(K-1)/2 rows
+  # through every layer (that ran an 8C2F with 200 classes out of memory).
+  from lipjax import bounds as bounds_lib  # pylint: disable=import-outside-toplevel
+  calls = []
+  real = bounds_lib.class_row_norms
+
+  def spy(chain, *, kind, down_to=0):
+    calls.append((kind, down_to, chain.num_layers))
+    return real(chain, kind=kind, down_to=down_to)
+
+  monkeypatch.setattr(bounds_lib, "class_row_norms", spy)
+  rng = np.random.default_rng(0)
+  mats = [rng.standard_normal((6, 5)), rng.standard_normal((5, 6)),
+          rng.standard_normal((120, 5))]
+  lip = np.asarray(lipjax.bound(mats, kind="pairwise", seed=0))
+  assert lip.shape == (120, 120) and np.all(np.isfinite(lip))
+  assert all(down_to == n - 1 for kind, down_to, n in calls
+             if kind == "pairwise")
+  exact = np.asarray(lipjax.bound(mats, kind="pairwise", exact=True))
+  off = ~np.eye(120, dtype=bool)
+  # Both are upper bounds; exact carries 1 + 1e-5 per norm, Lanczos less.
+  assert np.all(lip[off] >= exact[off] * (1 - 1e-4))

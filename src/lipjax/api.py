@@ -218,7 +218,8 @@ def _certified_bound(chain, products, *, method, kind, exact, guarantee_kind,
       large_class_threshold=large_class_threshold)
   value = round_up_to_float32(
       value.astype(np.float64) * norm_certificates.class_row_factor(
-          chain, kind=kind, layer_norms=layer_norms))
+          chain, kind=kind, layer_norms=layer_norms,
+          large_class_threshold=large_class_threshold))
   if kind == "pairwise":  # The diagonal is a convention, not a bound.
     np.fill_diagonal(value, np.float32(diagonal))
   value = jnp.asarray(value)

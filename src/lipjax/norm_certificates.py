@@ -204,7 +204,8 @@ def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
   return np.asarray(norms, np.float64)
 
 
-def class_row_factor(chain, *, kind: str, layer_norms: dict) -> float:
+def class_row_factor(chain, *, kind: str, layer_norms: dict,
+                     large_class_threshold: int) -> float:
   """``1 + max_s a_s / g_s`` for the float64 class-row norms of a bound.
 
   Per-class and pairwise bounds use the exact norms ``g_s = ||r^T W_{N-1}
@@ -214,19 +215,25 @@ def class_row_factor(chain, *, kind: str, layer_norms: dict) -> float:
   ``W_{N-1} ... W_s``). The bounds are sums of the ``g_s`` with nonnegative
   coefficients, so multiplying the bound by this factor covers every row.
   A row norm of 0 gives an infinite factor (the bound then never
-  certifies).
+  certifies). Above ``large_class_threshold`` classes the pairwise bound
+  uses only the last layer's rows (the large-class fallback), and so does
+  this factor: pushing ``K(K-1)/2`` rows through every layer is what the
+  fallback avoids.
   """
   if kind == "global":
     return 1.0
   from lipjax import bounds as bounds_lib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   n = chain.num_layers
+  first = (n - 1 if kind == "pairwise"
+           and chain.num_classes > large_class_threshold else 0)
   with jax.enable_x64(True):
-    rows = bounds_lib.class_row_norms(chain.astype(np.float64), kind=kind)
-    rows = [np.asarray(g) for g in rows]
+    rows = bounds_lib.class_row_norms(chain.astype(np.float64), kind=kind,
+                                      down_to=first)
+    rows = [None if g is None else np.asarray(g) for g in rows]
   row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
   worst = 0.0
-  for s_ in range(n):
+  for s_ in range(first, n):
     norms, total = [], 0.0
     for k in range(s_, n):
       absolute = abs_norm(chain.ops[k])

@@ -139,8 +139,9 @@ def sound_bound(model, *, method: str, kind: str,
       progress=progress, layer_norms_out=layer_norms,
       deterministic=deterministic)
   certified = dict(zip(products, certificate.certified))
-  rows = norm_certificates.class_row_factor(chain, kind=kind,
-                                            layer_norms=layer_norms)
+  rows = norm_certificates.class_row_factor(
+      chain, kind=kind, layer_norms=layer_norms,
+      large_class_threshold=large_class_threshold)
   results = {}
   for name in ("liplt", "naive"):
     needed = bounds_lib.required_products(chain.num_layers, method=name,
