@@ -226,7 +226,8 @@ def format_table(report: dict) -> str:
   sources = [p["source"] for p in b["products"]]
   lines.append(f"bound: {b['method']}/{b['kind']}, {b['mode']} "
                f"({sources.count('exact')} exact, "
-               f"{sources.count('lanczos')} Lanczos products)"
+               f"{sources.count('lanczos')} Lanczos, "
+               f"{sources.count('split')} split products)"
                + (f"  ** SCALED BY {b['bound_scale']} (TESTING) **"
                   if b["bound_scale"] != 1 else ""))
   lines.append(f"guarantee: {b['guarantee']}")
