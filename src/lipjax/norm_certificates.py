@@ -171,6 +171,14 @@ def matvec_error(chain, product, layer_norms: dict) -> float:
     layer_norms: ``{k: n_k}``, upper bounds on the single-layer norms; a
       missing layer uses :func:`abs_norm`.
   """
+  scale, f = _sweep_error(chain, product, layer_norms)
+  return 2.0 * f * scale + f * f
+
+
+def _sweep_error(chain, product, layer_norms: dict) -> tuple[float, float]:
+  """``(prod n_k, F)``: one float64 sweep through ``W_e ... W_s`` is off by
+  at most ``F = prod n_k sum_k gamma_k S_k / n_k`` per unit input (see
+  :func:`matvec_error`)."""
   s, e = product
   norms, total = [], 0.0
   for k in range(s, e + 1):
@@ -180,8 +188,7 @@ def matvec_error(chain, product, layer_norms: dict) -> float:
     total += _gamma64(_fan_in(chain.ops[k]) + 3) * absolute / max(
         n_k, np.finfo(np.float64).tiny)
   scale = math.prod(norms)
-  f = scale * total
-  return 2.0 * f * scale + f * f
+  return scale, scale * total
 
 
 def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
@@ -234,14 +241,7 @@ def class_row_factor(chain, *, kind: str, layer_norms: dict,
   row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
   worst = 0.0
   for s_ in range(first, n):
-    norms, total = [], 0.0
-    for k in range(s_, n):
-      absolute = abs_norm(chain.ops[k])
-      n_k = layer_norms.get(k, absolute)
-      norms.append(n_k)
-      total += _gamma64(_fan_in(chain.ops[k]) + 3) * absolute / max(
-          n_k, np.finfo(np.float64).tiny)
-    allowance = row_norm * math.prod(norms) * total
+    allowance = row_norm * _sweep_error(chain, (s_, n - 1), layer_norms)[1]
     smallest = float(np.min(rows[s_])) if rows[s_].size else math.inf
     worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
   return 1.0 + worst
