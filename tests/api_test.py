@@ -113,6 +113,25 @@ def test_restored_params_give_the_same_bound():
   np.testing.assert_array_equal(lipjax.bound(fresh, exact=True), direct)
 
 
+@pytest.mark.parametrize("other", [
+    dict(architecture="3F", num_classes=5),     # other layers: other leaves
+    dict(architecture=None, num_classes=7),     # same leaves, other shapes
+], ids=["architecture", "num_classes"])
+def test_params_of_another_network_name_both(other):
+  # Not nnx's "Incorrect number of leaves", nor a shape error deep inside
+  # the first matmul: both networks are described.
+  graphdef, _ = nnx.split(small_model())
+  architecture = other.pop("architecture") or [
+      ("conv", 3, 3, 1, 1), ("conv", 4, 4, 2, 1), ("dense", 10),
+      ("dense", None)]
+  _, params = nnx.split(lipjax.models.build(
+      architecture, input_shape=(6, 6, 1), rngs=nnx.Rngs(0), **other))
+  with pytest.raises(ValueError, match=(
+      r"graphdef describes custom \[conv 3, conv 4, dense 10, dense 5\] on "
+      r"\(6, 6, 1\) inputs, but the params hold \d layers with kernels")):
+    lipjax.bound(params, graphdef=graphdef, exact=True)
+
+
 def test_training_mode_inside_jit_with_params():
   model = small_model(seed=2)
   graphdef, params = nnx.split(model)

@@ -156,3 +156,24 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="steps"):
     attacks.pgd_l2(_linear, jnp.zeros((2, 4)), x, jnp.zeros(2, int), 0.1,
                    key=jax.random.key(0), steps=0)
+
+
+def test_images_outside_the_box_are_refused_unless_the_box_says_so():
+  # 0-255 pixels with the default [0, 1] box would make every projection
+  # meaningless (the clean point is not feasible).
+  x = jnp.full((2, 4), 200.0)
+  labels = jnp.zeros(2, int)
+  w = jnp.eye(4)[:2]  # Two classes of 4 features.
+  with pytest.raises(ValueError, match=r"\[200, 200\].*images / 255"):
+    attacks.pgd_l2(_linear, w, x, labels, 0.1, key=jax.random.key(0))
+  adv = attacks.pgd_l2(_linear, w, x, labels, 0.1, key=jax.random.key(0),
+                       steps=2, restarts=1, box=(0.0, 255.0))
+  assert np.all(_flat_norms(adv - x) <= 0.1 * (1 + 1e-5))
+  assert np.all((np.asarray(adv) >= 0) & (np.asarray(adv) <= 255))
+
+
+def test_empty_batch_gives_an_empty_batch():
+  x = jnp.zeros((0, 4))
+  adv = attacks.pgd_l2(_linear, jnp.eye(4)[:2], x, jnp.zeros(0, int), 0.1,
+                       key=jax.random.key(0))
+  assert adv.shape == (0, 4)

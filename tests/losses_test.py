@@ -532,3 +532,41 @@ def test_lmt_finite_gradients():
     assert_finite_grads(
         lambda z, l: lmt_loss(z, labels, l, eps=0.3, mu=2.0)[0],
         logits, lip)
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [0, -1], [0, 5]])
+def test_labels_outside_the_classes_are_refused(labels):
+  # A label >= K has no logit and a negative one would wrap around to class
+  # K - 1: neither may give a radius. Eagerly they are refused; inside jit
+  # (where values cannot be read) such a point is never certified.
+  logits = jnp.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+  labels = jnp.array(labels)
+  for fn, args in ((radii.certified_radius, (PAIR_3,)),
+                   (radii.is_certified, (PAIR_3, jnp.array([0.1]))),
+                   (radii.certified_accuracy, (PAIR_3, 0.1)),
+                   (radii.clean_accuracy, ())):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+      fn(logits, labels, *args)
+  # Label 0 on row 0: margins 2 and 1 over bounds 2 and 4 -> radius 0.25.
+  np.testing.assert_allclose(certified_radius(logits, labels, PAIR_3)[0],
+                             0.25)
+  assert float(certified_radius(logits, labels, PAIR_3)[1]) <= 0.0
+  np.testing.assert_array_equal(
+      is_certified(logits, labels, PAIR_3, jnp.array([0.0])), [[1, 0]])
+  with pytest.raises(ValueError, match="integers"):
+    radii.certified_radius(logits, jnp.array([0.0, 1.0]), PAIR_3)
+
+
+def test_empty_batches():
+  # Radii of no examples are an empty array; an accuracy over no examples is
+  # undefined, so it is refused unless a mask says how many are real.
+  logits, labels = jnp.zeros((0, 3)), jnp.zeros((0,), jnp.int32)
+  assert radii.certified_radius(logits, labels, PAIR_3).shape == (0,)
+  assert radii.is_certified(logits, labels, PAIR_3,
+                            jnp.array([0.1])).shape == (1, 0)
+  with pytest.raises(ValueError, match="empty batch"):
+    radii.certified_accuracy(logits, labels, PAIR_3, 0.1)
+  with pytest.raises(ValueError, match="empty batch"):
+    radii.clean_accuracy(logits, labels)
+  assert float(radii.clean_accuracy(logits, labels,
+                                    mask=jnp.zeros(0, bool))) == 0.0

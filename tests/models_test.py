@@ -281,6 +281,12 @@ def test_call_rejects_wrong_image_shape(batch_shape):
     model(jnp.zeros(batch_shape))
 
 
+def test_empty_batch_gives_empty_logits():
+  # Flattening must not infer a size from zero elements (ZeroDivisionError).
+  model = _small_model()
+  assert model(jnp.zeros((0, 8, 8, 3))).shape == (0, model.num_classes)
+
+
 # ---------------------------------------------------------------------------
 # Input normalization
 

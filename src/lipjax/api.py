@@ -86,9 +86,9 @@ class BoundInfo:
 
 def _resolve_network(network, graphdef, slopes):
   if graphdef is not None:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from lipjax import models  # pylint: disable=import-outside-toplevel
     states = network if isinstance(network, tuple) else (network,)
-    network = nnx.merge(graphdef, *states)
+    network = models.merge(graphdef, *states)
   return linear_maps.to_chain(network, slopes=slopes)
 
 

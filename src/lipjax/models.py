@@ -216,7 +216,8 @@ class SequentialNet(nnx.Module):
     conv_index = 0
     for k, (layer_spec, layer) in enumerate(zip(self.spec, self.layers)):
       if layer_spec[0] == "dense" and x.ndim > 2:
-        x = x.reshape(x.shape[0], -1)
+        # The size, not -1: -1 cannot be inferred for an empty batch.
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
       x = layer(x)
       if layer_spec[0] == "conv" and self.batch_norm:
         x = self.batch_norms[conv_index](x)
@@ -265,3 +266,69 @@ def build(architecture: str | Sequence, *, num_classes: int,
   return SequentialNet(spec, num_classes=num_classes, input_shape=input_shape,
                        rngs=rngs, activation=activation, input_mean=input_mean,
                        input_std=input_std, batch_norm=batch_norm)
+
+
+def merge(graphdef, *states) -> nnx.Module:
+  """``nnx.merge(graphdef, *states)``, refusing params of another network.
+
+  Params restored for another architecture, input shape or number of
+  classes than the graphdef's would fail deep inside nnx ("Incorrect number
+  of leaves") or in the first layer whose shapes clash; here they raise a
+  ValueError that describes both networks. Works on traced params too (only
+  shapes are compared).
+
+  Raises:
+    ValueError: the states do not fit the graphdef.
+  """
+  try:
+    model = nnx.merge(graphdef, *states)
+  except ValueError as error:  # nnx: a different number or kind of leaves.
+    raise ValueError(_mismatch_message(graphdef, states)) from error
+  if isinstance(model, SequentialNet):
+    expected = [_kernel_shape(layer, shape, model.num_classes)
+                for layer, shape in zip(model.spec, model.layer_input_shapes)]
+    if expected != [tuple(layer.kernel.shape) for layer in model.layers]:
+      raise ValueError(_mismatch_message(graphdef, states))
+  return model
+
+
+def _kernel_shape(layer: tuple, shape: tuple, num_classes: int) -> tuple:
+  """The kernel shape a layer spec gets for an input of ``shape``."""
+  if layer[0] == "conv":
+    return (layer[2], layer[2], shape[-1], layer[1])
+  return (math.prod(shape), num_classes if layer[1] is None else layer[1])
+
+
+def _describe_graphdef(graphdef) -> str:
+  """E.g. ``2C2F [conv 16, conv 32, dense 100, dense 3] on (8, 8, 1)``."""
+  static = {key: getattr(value, "value", None)
+            for key, value in getattr(graphdef, "attributes", ())
+            if key in ("spec", "input_shape", "num_classes")}
+  spec = static.get("spec")
+  if spec is None:  # Not a SequentialNet (or a graphdef layout we do not know).
+    return f"a graphdef with {getattr(graphdef, 'num_leaves', '?')} leaves"
+  name = next((n for n, s in ARCHITECTURES.items() if s == spec), "custom")
+  classes = static.get("num_classes")
+  layers = ", ".join(f"{layer[0]} {classes if layer[1] is None else layer[1]}"
+                     for layer in spec)
+  return f"{name} [{layers}] on {static.get('input_shape')} inputs"
+
+
+def _describe_states(states) -> str:
+  """The kernel shapes found in the states, e.g. ``kernels (64, 100), ...``."""
+  kernels = [tuple(leaf.shape) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(states)[0]
+             if any(getattr(k, "key", None) == "kernel" for k in path)]
+  leaves = len(jax.tree.leaves(states))
+  if not kernels:
+    return f"{leaves} arrays and no layer kernels"
+  return (f"{len(kernels)} layers with kernels "
+          + ", ".join(str(k) for k in kernels) + f" ({leaves} arrays)")
+
+
+def _mismatch_message(graphdef, states) -> str:
+  return (f"The params do not fit the model: the graphdef describes "
+          f"{_describe_graphdef(graphdef)}, but the params hold "
+          f"{_describe_states(states)}. Merge params with the graphdef of "
+          "the model that produced them (same architecture, input shape "
+          "and number of classes).")

@@ -180,6 +180,20 @@ def _random_start(key, x, eps, *, box):
                         box=box)
 
 
+def _check_in_box(x: jax.Array, box: tuple[float, float]) -> None:
+  """Concrete images must lie in the box, which every projection assumes."""
+  if box[0] >= box[1]:
+    raise ValueError(f"box must be (lo, hi) with lo < hi, got {box}.")
+  if isinstance(x, jax.core.Tracer) or not x.size:
+    return
+  lo, hi = float(jnp.min(x)), float(jnp.max(x))
+  if lo < box[0] or hi > box[1]:
+    raise ValueError(
+        f"images range over [{lo:g}, {hi:g}], outside box={box}: scale "
+        "0-255 pixels to [0, 1] (images / 255), or pass box=(lo, hi) if "
+        "the model takes that range.")
+
+
 def pgd_l2(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
            images: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
            eps: jax.typing.ArrayLike, *, key: jax.Array, steps: int = 50,
@@ -228,15 +242,17 @@ def pgd_l2(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     schedule: ``"cosine"`` (decay to 0) or ``"constant"``.
     loss: ``"margin"`` (maximize ``max_{i != y} z_i - z_y``, Carlini-Wagner
       style, robust to saturated softmax) or ``"ce"`` (cross-entropy).
-    box: ``(lo, hi)`` valid input range.
+    box: ``(lo, hi)`` valid input range. Images outside it are refused
+      (e.g. 0-255 pixels with the default ``(0, 1)``); a model that takes
+      another range says so by passing its box.
 
   Returns:
     ``[B, ...]`` adversarial inputs with ``||x_adv - x|| <= eps`` and
-    ``lo <= x_adv <= hi``.
+    ``lo <= x_adv <= hi`` (an empty batch gives an empty batch).
 
   Raises:
-    ValueError: unknown loss/schedule, ``steps`` or ``restarts`` < 1, or
-      inconsistent shapes.
+    ValueError: unknown loss/schedule, ``steps`` or ``restarts`` < 1,
+      inconsistent shapes, or (outside ``jax.jit``) images outside ``box``.
   """
   if loss not in LOSSES or schedule not in SCHEDULES:
     raise ValueError(f"loss must be one of {LOSSES} and schedule one of "
@@ -256,6 +272,9 @@ def pgd_l2(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
                      f"{eps.shape}.")
   eps = jnp.broadcast_to(jnp.maximum(eps, 0.0), x.shape[:1])
   box = (float(box[0]), float(box[1]))
+  _check_in_box(x, box)
+  if not x.shape[0]:
+    return x  # Nothing to attack (and no per-example norm to take).
   a0 = 5.0 / steps if step_size is None else float(step_size)
   lengths = [a0 * (0.5 * (1.0 + math.cos(math.pi * t / steps))
                    if schedule == "cosine" else 1.0) for t in range(steps)]

@@ -12,8 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from lipjax import models
 from lipjax.certification import attacks
 from lipjax.progress import progress_bar
 from lipjax.training import augment
@@ -31,7 +31,7 @@ def make_apply_fn(graphdef) -> Callable:
 
 
 def _apply(graphdef, variables, images):
-  return nnx.merge(graphdef, *variables)(images)
+  return models.merge(graphdef, *variables)(images)
 
 
 def index_batches(indices: np.ndarray, batch_size: int):

@@ -305,6 +305,7 @@ def certify_float64(logits: np.ndarray, labels: np.ndarray, lipschitz,
   logits = np.asarray(logits, np.float64)
   labels = np.asarray(labels)
   k = logits.shape[1]
+  radii.check_labels(labels, k)
   lip = np.asarray(lipschitz, np.float64)
   with jax.enable_x64(True):
     pair = np.asarray(radii.pairwise_lipschitz(jnp.asarray(lip), k))[labels]

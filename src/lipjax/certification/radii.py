@@ -20,7 +20,9 @@ Every function accepts the Lipschitz information in the three forms
 All functions are pure and jit-able, and never produce NaN: the self entry
 ``i == p`` is masked out before any division, and a zero off-diagonal bound
 (the difference ``f_p - f_i`` is constant) gives a radius of ``+inf``,
-``-inf`` or ``0`` by the sign of the margin.
+``-inf`` or ``0`` by the sign of the margin. Labels outside ``[0, K)`` are
+refused with a ValueError when they are concrete (inside ``jax.jit`` such a
+point is never certified), and so is an accuracy over an empty batch.
 
 References:
   Fazlyab et al., Certified Robustness via Dynamic Margin Maximization and
@@ -33,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def pairwise_lipschitz(lipschitz: jax.typing.ArrayLike,
@@ -68,7 +71,13 @@ def pairwise_lipschitz(lipschitz: jax.typing.ArrayLike,
 
 
 def check_logits(logits: jax.Array, reference: jax.Array) -> None:
-  """Raises ValueError unless logits are ``[B, K >= 2]`` and classes ``[B]``."""
+  """Raises ValueError unless logits are ``[B, K >= 2]`` and classes ``[B]``.
+
+  Class indices must be integers in ``[0, K)``. Their values are checked
+  only when they are concrete: inside ``jax.jit`` they are tracers, and
+  an out-of-range index there makes the point fail closed (never
+  certified) instead.
+  """
   if logits.ndim != 2:
     raise ValueError(f"logits must be [batch, K]; got shape {logits.shape}.")
   if logits.shape[1] < 2:
@@ -77,11 +86,41 @@ def check_logits(logits: jax.Array, reference: jax.Array) -> None:
     raise ValueError(
         f"Class indices must be [batch]={logits.shape[:1]}; got "
         f"{reference.shape}.")
+  check_labels(reference, logits.shape[1])
+
+
+def check_labels(labels, num_classes: int) -> None:
+  """Raises ValueError unless concrete ``labels`` are integers in ``[0, K)``.
+
+  A negative index would silently wrap around to another class, and one
+  past ``K - 1`` has no logit: both would give a meaningless radius.
+  Traced labels (inside ``jax.jit``) cannot be read and are not checked.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    return
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"Class labels must be integers; got dtype "
+                     f"{labels.dtype}.")
+  if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    raise ValueError(
+        f"Class labels must lie in [0, {num_classes}) for {num_classes} "
+        f"logits; got {bad.size} outside, e.g. {int(bad[0])}.")
+
+
+def _check_not_empty(values: jax.Array, mask) -> None:
+  """An accuracy needs at least one example (unless a mask says 0 are real)."""
+  if mask is None and values.shape[-1] == 0:
+    raise ValueError("An accuracy over an empty batch is undefined: pass at "
+                     "least one example (or a mask, which gives 0 when it "
+                     "selects none).")
 
 
 def _masked_mean(values: jax.Array, mask) -> jax.Array:
   """Mean over the last axis, restricted to ``mask``; 0 for an empty mask."""
   values = values.astype(jnp.float32)
+  _check_not_empty(values, mask)
   if mask is None:
     return jnp.mean(values, axis=-1)
   mask = jnp.asarray(mask, bool)
@@ -148,6 +187,10 @@ def certified_radius(logits: jax.typing.ArrayLike,
     ``[batch]`` radii, in the units of the network input. Fail-closed: a
     point with a non-finite logit, or with some ``L_yi`` that is not a
     positive finite number, gets a radius of at most 0 (never certified).
+
+  Raises:
+    ValueError: bad shapes, or (outside ``jax.jit``) a label outside
+      ``[0, K)``.
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
@@ -161,7 +204,7 @@ def certified_radius(logits: jax.typing.ArrayLike,
 
 def _trusted_rows(logits: jax.Array, labels: jax.Array,
                   lipschitz) -> jax.Array:
-  """``[batch]``: every logit finite and every ``L_yi`` (i != y) finite, > 0.
+  """``[batch]``: a valid label, every logit finite, every ``L_yi`` > 0 finite.
 
   A bound that is 0, negative or non-finite can only come from a broken
   computation upstream (or a degenerate network), so certification treats
@@ -173,6 +216,9 @@ def _trusted_rows(logits: jax.Array, labels: jax.Array,
   valid_pair = is_self | (jnp.isfinite(pair) & (pair > 0))
   trusted = jnp.all(valid_pair, axis=1) & jnp.all(jnp.isfinite(logits),
                                                   axis=1)
+  # Traced labels are not range-checked (check_labels): one outside [0, K)
+  # (which indexing would wrap or fill) is never trusted.
+  trusted = trusted & (labels >= 0) & (labels < num_classes)
   lipschitz = jnp.asarray(lipschitz)
   if lipschitz.ndim < 2:  # Every global / per-class entry enters each row.
     trusted = trusted & jnp.all(jnp.isfinite(lipschitz) & (lipschitz > 0))
@@ -205,6 +251,10 @@ def certified_accuracy(logits: jax.typing.ArrayLike,
   Returns:
     A scalar, or ``[E]`` for ``[E]`` radii: certified / ``mask.sum()`` (0 if
     the mask is empty).
+
+  Raises:
+    ValueError: bad shapes, an empty batch without a mask, or (outside
+      ``jax.jit``) a label outside ``[0, K)``.
   """
   eps = jnp.asarray(eps)
   certified = is_certified(logits, labels, lipschitz, eps.reshape(-1))
@@ -256,6 +306,9 @@ def clean_accuracy(logits: jax.typing.ArrayLike,
 
   Returns:
     A scalar; 0 if the mask is empty.
+
+  Raises:
+    ValueError: as :func:`certified_accuracy`.
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
