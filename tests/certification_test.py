@@ -4,9 +4,13 @@ One smoke run (synthetic data, 2C2F, two epochs) is trained per module and
 certified in-process and through ``certify.py``: certified accuracy is at
 most the clean accuracy and non-increasing in ε, the sound bound equals
 ``lipjax.bound`` for the same norms, a bound scaled down 10x makes the
-audit fail (so the audit can fail), and the command writes valid JSON and
-PNGs and exits 0. A model with (eval-mode) batch norm trains, its learned
-BN scales enter the bound, and its certificates pass the audit.
+audit fail (so the audit can fail), and the command prints its table, then
+writes valid JSON and PNGs named by checkpoint step (and at the stable
+names while that step is the newest) and exits 0. Every bad flag exits 2
+with one line before any work; an unwritable output folder exits 3 before
+any work, and a write that fails afterwards exits 3 after the table, with
+nothing partial left. A model with (eval-mode) batch norm trains, its
+learned BN scales enter the bound, and its certificates pass the audit.
 """
 
 import json
@@ -228,6 +232,12 @@ def test_certify_py_end_to_end(workdir):
   paths = report_lib.output_paths(workdir, "test")
   with open(paths["json"], encoding="utf-8") as f:
     saved = json.load(f)
+  # The same report under its checkpoint step's name.
+  with open(report_lib.output_paths(workdir, "test", saved["checkpoint_step"])
+            ["json"], encoding="utf-8") as f:
+    assert json.load(f) == saved
+  # The table is printed before anything is written.
+  assert result.stdout.index("audit:") < result.stdout.index("wrote ")
   assert saved["format"] == report_lib.FORMAT
   for key in ("clean_accuracy", "certified_accuracy", "pgd_accuracy",
               "radius", "per_class", "bound", "audit", "timings_seconds",
@@ -287,9 +297,128 @@ def test_batch_norm_model_trains_and_certifies_soundly(tmp_path):
     (dict(num_examples=-5), "num_examples"),
     (dict(batch_size=0), "batch_size"),
     (dict(pgd_steps=0), "pgd_steps"),
+    (dict(pgd_restarts=0), "pgd_restarts"),
+    (dict(bound_seed=-1), "bound_seed"),
+    (dict(max_exact_gib=float("nan")), "max_exact_gib"),
+    (dict(bound_scale=0.0), "bound_scale"),
     (dict(delta=0.0), "delta"),
 ])
 def test_bad_settings_are_refused_before_any_work(kwargs, match, tmp_path):
   # The workdir does not even exist: the settings are checked first.
   with pytest.raises(ValueError, match=match):
     pipeline.run(str(tmp_path / "missing"), progress=False, **kwargs)
+
+
+def _certify_py(*args, timeout=300):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  return subprocess.run([sys.executable, "certify.py", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def _one_error_line(result, code, match, *, after_work=False):
+  """Exit status ``code`` and one stderr line, naming ``match``, no trace.
+
+  ``after_work``: the phases' log lines may precede it on stderr.
+  """
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == code, result.stderr
+  if not after_work:
+    assert len(lines) == 1, result.stderr
+  assert lines[-1].startswith("certify.py: error: "), result.stderr
+  assert "Traceback" not in result.stderr
+  assert match in lines[-1], lines[-1]
+
+
+def test_certify_py_help_exits_0():
+  result = _certify_py("--help")
+  assert result.returncode == 0, result.stderr
+  assert "Exit status" in result.stdout and "--output_dir" in result.stdout
+
+
+# A bad flag (empty: no --workdir at all) and what its one line must say.
+BAD_FLAGS = {
+    "": "--workdir is required", "--eps=nan": "finite", "--eps=inf": "finite",
+    "--eps=": "--eps is empty", "--eps=0.1,abc": "comma-separated numbers",
+    "--pgd_steps=0": "--pgd_steps must be >= 1",
+    "--num_examples=-5": "--num_examples must be >= 1",
+    "--batch_size=0": "--batch_size must be >= 1", "--batch_size=x": "int()",
+    "--epss=0.1": "Did you mean: eps", "runs/x": "unexpected argument",
+}
+
+
+@pytest.mark.parametrize("flag", BAD_FLAGS)
+def test_certify_py_bad_flags_exit_2_with_one_line(flag, tmp_path):
+  # A workdir with config.json, no checkpoint: every flag is refused before
+  # the workdir is even read (which would name the missing checkpoints).
+  (tmp_path / "config.json").write_text(
+      smoke.get_config().to_json_best_effort())
+  args = [f"--workdir={tmp_path}", flag] if flag else []
+  _one_error_line(_certify_py(*args), 2, BAD_FLAGS[flag])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_certify_py_missing_workdir_exits_2(tmp_path):
+  _one_error_line(_certify_py(f"--workdir={tmp_path / 'nope'}"), 2,
+                  str(tmp_path / "nope"))
+
+
+def test_certify_py_refuses_an_unwritable_output_dir_before_any_work(
+    workdir, tmp_path):
+  # A file where a folder should be blocks writing even for root (chmod
+  # does not); the refusal comes before the certification (seconds).
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  result = _certify_py(f"--workdir={workdir}",
+                       f"--output_dir={blocker / 'results'}", timeout=60)
+  _one_error_line(result, 3, str(blocker / "results"))
+  assert result.stdout == ""
+  if os.geteuid() != 0:  # Without root, a read-only folder is refused too.
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o555)
+    _one_error_line(_certify_py(f"--workdir={workdir}",
+                                f"--output_dir={readonly}", timeout=60),
+                    3, str(readonly))
+
+
+def test_certify_py_prints_the_table_then_exits_3_when_writing_fails(
+    workdir, tmp_path):
+  # The folder is writable when checked, but the report's file cannot be
+  # written (a folder in its way; works as root, unlike chmod): the table is
+  # printed anyway, the exit status is 3, and nothing partial is left.
+  out = tmp_path / "out"
+  step = workdir_lib.restore(workdir).step
+  os.makedirs(report_lib.output_paths(str(out), "test", step)["json"])
+  result = _certify_py(f"--workdir={workdir}", f"--output_dir={out}",
+                       "--eps=0.1", "--pgd_steps=2", "--pgd_restarts=1",
+                       "--num_examples=8", "--progress=false")
+  _one_error_line(result, 3, f"could not write the results to {out}",
+                  after_work=True)
+  assert "certified" in result.stdout and "audit:" in result.stdout
+  assert "wrote" not in result.stdout
+  assert not [p for p in os.listdir(out) if ".tmp" in p]
+  assert not os.path.exists(report_lib.output_paths(str(out), "test")["json"])
+
+
+def test_reports_are_named_by_step_and_the_stable_name_keeps_the_newest(
+    report, tmp_path):
+  step = report["checkpoint_step"]
+  written = report_lib.write(report, str(tmp_path))
+  stable = report_lib.output_paths(str(tmp_path), "test")
+  for paths in (report_lib.output_paths(str(tmp_path), "test", step), stable):
+    assert set(paths.values()) <= set(written)
+  assert os.path.basename(written[2]) == f"certify_step{step}.json"
+  # Another (older) checkpoint: its own files; the stable names keep step.
+  older = dict(report, checkpoint_step=step - 4)
+  written = report_lib.write(older, str(tmp_path))
+  assert stable["json"] not in written
+  assert json.loads(pathlib.Path(stable["json"]).read_text())[
+      "checkpoint_step"] == step
+  assert json.loads(pathlib.Path(report_lib.output_paths(
+      str(tmp_path), "test", step)["json"]).read_text()) == json.loads(
+          json.dumps(report))
+  # A newer one replaces them.
+  report_lib.write(dict(report, checkpoint_step=step + 4), str(tmp_path))
+  assert json.loads(pathlib.Path(stable["json"]).read_text())[
+      "checkpoint_step"] == step + 4
+  assert len(list(tmp_path.glob("certify*.json"))) == 4

@@ -101,8 +101,18 @@ def _select_examples(restored, split: str, num_examples: int | None
   return dataset
 
 
-def _check_arguments(*, eps, num_examples, batch_size, delta) -> None:
-  """Refuses bad settings before any work, each with the fix in one line."""
+def check_arguments(*, eps=None, num_examples=None, batch_size=None,
+                    delta=guarantee.DEFAULT_DELTA, pgd_steps=50,
+                    pgd_restarts=2, max_exact_gib=4.0, bound_seed=None,
+                    bound_scale=1.0) -> None:
+  """Refuses bad settings before any work, each with the fix in one line.
+
+  :func:`run` calls it first; ``certify.py`` also calls it before checking
+  that it can write its results. The names are certify.py's flags.
+
+  Raises:
+    ValueError: the first bad setting.
+  """
   if eps is not None:
     values = [float(e) for e in eps]
     if not values:
@@ -110,10 +120,17 @@ def _check_arguments(*, eps, num_examples, batch_size, delta) -> None:
                        "leave it out for the dataset's defaults.")
     if not all(np.isfinite(values)) or min(values) < 0:
       raise ValueError(f"--eps must be finite and >= 0, got {values}.")
-  if num_examples is not None and num_examples < 1:
-    raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
-  if batch_size is not None and batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+  for name, value, least in (("num_examples", num_examples, 1),
+                             ("batch_size", batch_size, 1),
+                             ("pgd_steps", pgd_steps, 1),
+                             ("pgd_restarts", pgd_restarts, 1),
+                             ("bound_seed", bound_seed, 0)):
+    if value is not None and int(value) < least:
+      raise ValueError(f"--{name} must be >= {least}, got {value}.")
+  for name, value in (("max_exact_gib", max_exact_gib),
+                      ("bound_scale", bound_scale)):
+    if not (math.isfinite(float(value)) and float(value) > 0):
+      raise ValueError(f"--{name} must be a finite number > 0, got {value}.")
   guarantee.check_delta(delta)
 
 
@@ -262,8 +279,6 @@ _PGD_REPORTED = {
 
 def _pgd_settings(pgd_steps: int, pgd_restarts: int) -> dict:
   """Every PGD setting explicit, so that the report states what ran."""
-  if int(pgd_steps) < 1:
-    raise ValueError(f"pgd_steps must be >= 1, got {pgd_steps}.")
   return {"steps": int(pgd_steps), "restarts": int(pgd_restarts),
           "step_size": 5.0 / int(pgd_steps), "schedule": "cosine",
           "loss": "margin"}
@@ -311,9 +326,11 @@ def run(workdir: str, *, checkpoint: int | None = None,
       wall time) is written either way, so a log file shows where a long
       run is.
   """
+  check_arguments(eps=eps, num_examples=num_examples, batch_size=batch_size,
+                  delta=delta, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
+                  max_exact_gib=max_exact_gib, bound_seed=bound_seed,
+                  bound_scale=bound_scale)
   pgd = _pgd_settings(pgd_steps, pgd_restarts)
-  _check_arguments(eps=eps, num_examples=num_examples, batch_size=batch_size,
-                   delta=delta)
   timings, t0 = {}, time.perf_counter()
   restored = workdir_lib.restore(workdir, checkpoint=checkpoint,
                                  data_dir=data_dir)

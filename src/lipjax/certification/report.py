@@ -2,9 +2,11 @@
 
 :func:`build_report` turns the arrays of :func:`lipjax.certification.pipeline.run`
 into one JSON-able dict (every number, the bound mode, units, versions,
-timings); :func:`write` puts ``certify.json`` and two PNG figures in the
-workdir (atomically, never touching a training file); :func:`format_table`
-is the human-readable summary.
+timings); :func:`write` puts ``certify_step<N>.json`` and two PNG figures in
+the workdir or another folder, and the same files at the stable names
+``certify.json``, ... while N is the newest step certified (atomically,
+never touching a training file); :func:`format_table` is the
+human-readable summary.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -179,40 +182,123 @@ def build_report(*, restored, split, dataset, logits, radius, certified,
   }
 
 
+class OutputError(OSError):
+  """The results cannot be written where they should go."""
+
+
 def _atomic_write_bytes(path: str, payload: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-  os.replace(tmp, path)
+  """Writes ``path`` whole or not at all: a temporary file, then os.replace.
+
+  The temporary file is in the same folder (so the rename is atomic) and is
+  removed if anything fails, so no partial or empty file is left behind.
+  """
+  tmp = f"{path}.tmp.{os.getpid()}"  # open(), not mkstemp: umask modes.
+  try:
+    with open(tmp, "wb") as f:
+      f.write(payload)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    raise
 
 
-def output_paths(workdir: str, split: str) -> dict[str, str]:
-  """Where the report goes: ``certify*.json`` and two ``certify*.png``."""
-  suffix = "" if split == "test" else f"_{split}"
-  return {name: os.path.join(workdir, f"certify{suffix}{ext}")
+def output_paths(folder: str, split: str, step: int | None = None
+                 ) -> dict[str, str]:
+  """Where a report goes: ``certify*.json`` and two ``certify*.png``.
+
+  ``step=None`` gives the stable names (``certify.json``,
+  ``certify_accuracy.png``, ``certify_radii.png``), a step the names of that
+  checkpoint's results (``certify_step500.json``, ...). Another split than
+  ``test`` adds ``_<split>`` after ``certify``.
+  """
+  stem = "certify" + ("" if split == "test" else f"_{split}") + (
+      "" if step is None else f"_step{int(step)}")
+  return {name: os.path.join(folder, f"{stem}{ext}")
           for name, ext in (("json", ".json"),
                             ("accuracy_png", "_accuracy.png"),
                             ("radii_png", "_radii.png"))}
 
 
-def write(report: dict) -> dict[str, str]:
-  """Writes the JSON and the figures into the report's workdir.
+def check_output_dir(folder: str) -> str:
+  """The absolute ``folder``, once a file could be created there.
 
-  The figures go first and the JSON last, each through a temporary file and
-  ``os.replace``, so a complete ``certify.json`` implies complete figures.
+  Run before the certification, so that a read-only or missing folder is
+  reported in seconds, not after the work. A folder that does not exist yet
+  is checked through its nearest existing parent (:func:`write` creates it).
 
-  Returns:
-    The paths written.
+  Raises:
+    OutputError: naming the folder and the reason.
+  """
+  folder = os.path.abspath(folder)
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"{existing} is a file")
+    fd, probe = tempfile.mkstemp(prefix=".certify-write-test.", dir=existing)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as error:
+    raise OutputError(
+        f"Cannot write the results to {folder} "
+        f"({error.strerror or error}): make it writable, or pass "
+        "--output_dir with a folder you can write.") from error
+  return folder
+
+
+def _newest_at_stable_name(path: str, step: int) -> bool:
+  """Whether a report of ``step`` should replace the one at ``path``.
+
+  The stable names hold the newest checkpoint certified so far: certifying
+  an older ``--checkpoint`` leaves them alone. An unreadable file there is
+  replaced.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      return int(json.load(f)["checkpoint_step"]) <= step
+  except (OSError, ValueError, KeyError, TypeError):
+    return True
+
+
+def write(report: dict, folder: str | None = None) -> list[str]:
+  """Writes the JSON and the figures; returns the paths written.
+
+  Every file is named by the checkpoint step (:func:`output_paths`), so
+  certifying another checkpoint never overwrites earlier results; the same
+  files also go to the stable names unless those hold a newer checkpoint.
+  Both figures are drawn before anything is written. In each set the
+  figures go first and the JSON last, each whole or not at all
+  (:func:`_atomic_write_bytes`), so a complete JSON implies its figures.
+
+  Args:
+    report: from :func:`build_report`.
+    folder: where to write; default the report's workdir (created if
+      missing).
+
+  Raises:
+    OSError: a file could not be written (nothing partial is left).
   """
   from lipjax.certification import figures  # pylint: disable=import-outside-toplevel
-  paths = output_paths(report["workdir"], report["split"])
-  for name in ("accuracy_png", "radii_png"):
-    draw = (figures.accuracy_figure if name == "accuracy_png"
-            else figures.radius_histogram)
-    _atomic_write_bytes(paths[name], draw(report))
-  payload = json.dumps(report, indent=2, allow_nan=False) + "\n"
-  _atomic_write_bytes(paths["json"], payload.encode("utf-8"))
-  return paths
+  folder = report["workdir"] if folder is None else folder
+  payloads = {
+      "accuracy_png": figures.accuracy_figure(report),
+      "radii_png": figures.radius_histogram(report),
+      "json": (json.dumps(report, indent=2, allow_nan=False)
+               + "\n").encode("utf-8")}
+  os.makedirs(folder, exist_ok=True)
+  step = int(report["checkpoint_step"])
+  sets = [output_paths(folder, report["split"], step)]
+  stable = output_paths(folder, report["split"])
+  if _newest_at_stable_name(stable["json"], step):
+    sets.append(stable)
+  written = []
+  for paths in sets:
+    for name in ("accuracy_png", "radii_png", "json"):
+      _atomic_write_bytes(paths[name], payloads[name])
+      written.append(paths[name])
+  return written
 
 
 def format_table(report: dict) -> str:
