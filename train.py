@@ -8,19 +8,40 @@ tests can import it.
       --config.num_epochs=300
   # several hosts (run on every host; JAX detects SLURM/TPU clusters):
   python train.py --config configs/cifar10.py --workdir gs://.../c10 --multiprocess
+
+--config FILE[:VARIANT] names a config file (a Python file whose
+get_config() returns an ml_collections ConfigDict); a file with variants
+takes one, or several joined by commas, after a colon
+(configs/fashion_mnist.py:quick,gloro). Any key can then be overridden with
+--config.KEY=VALUE (e.g. --config.loss.lam=20 --config.eval.eps=0.1,0.5);
+configs/default.py lists every key with its meaning.
+
+The config, its variant, every override and every value are checked before
+the workdir is touched: a mistake gets one line on stderr that names the
+fix. Exit status: 0 done; 1 the loss or the parameters stopped being finite
+(the last good checkpoint is kept); 2 a usage error (a bad flag, config,
+variant, key or value, a missing dataset, a workdir holding another run).
+
+Configs:
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lipjax import cli
+from lipjax.training import config_files
+
+PROGRAM = "train.py"
+__doc__ += config_files.describe() + "\n"  # Shown by --help.
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: FILE[:VARIANT]; override keys with "
+    "--config.KEY=VALUE (see above).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
 flags.DEFINE_bool("multiprocess", False,
                   "Call jax.distributed.initialize() before using devices.")
@@ -33,7 +54,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
+  del argv  # cli.flags_parser refuses positional arguments.
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   # Imported here so --multiprocess initializes before JAX touches devices.
@@ -46,16 +67,19 @@ def main(argv):
   from lipjax.training import checkpoints
   from lipjax.training import data
   from lipjax.training import loop
-  expected = (data.DatasetNotFoundError, checkpoints.IncompatibleCheckpointError,
-              loop.NonFiniteLossError, ImportError)
   try:
     final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except expected as error:
-    # Errors a user fixes from the message alone: no traceback.
-    sys.exit(f"error: {error}")
+  except loop.NonFiniteLossError as error:
+    cli.error_exit(PROGRAM, error, cli.VIOLATION)
+  # Errors a user fixes from the message alone (train_and_evaluate raises
+  # ValueError only for bad input): one line, no traceback.
+  except (ValueError, data.DatasetNotFoundError,
+          checkpoints.IncompatibleCheckpointError, ImportError) as error:
+    cli.error_exit(PROGRAM, error, cli.USAGE)
   # One line per process, so multi-process runs can be compared.
   print("final metrics: " + json.dumps(final, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(
+      PROGRAM, check=config_files.check_command_line))

@@ -23,15 +23,16 @@ prepared `fashion_mnist` (array_record) to run offline.
 
 from configs import default
 
-_VARIANTS = ("full", "cpu", "quick", "crm", "gloro", "ce")
+# Combine any with commas, e.g. --config configs/fashion_mnist.py:quick,gloro.
+VARIANTS = ("full", "cpu", "quick", "crm", "gloro", "ce")
 
 
 def get_config(variant: str = "full"):
   options = [v.strip() for v in variant.split(",") if v.strip()]
-  unknown = [v for v in options if v not in _VARIANTS]
+  unknown = [v for v in options if v not in VARIANTS]
   if unknown:
     raise ValueError(f"Unknown variant(s) {unknown}; combine any of "
-                     f"{_VARIANTS} with commas, e.g. 'quick,gloro'.")
+                     f"{VARIANTS} with commas, e.g. 'quick,gloro'.")
   c = default.get_config()
   c.data.name = "fashion_mnist"
   c.model.architecture = "4C3F"

@@ -128,7 +128,10 @@ def test_prepare_without_tensorflow_says_how(tmp_path):
     pass
   with pytest.raises(ImportError, match=r"pip install -e '\.\[prepare\]'"):
     data.prepare("mnist", str(tmp_path))
-  with pytest.raises(ImportError):  # download=True tries to prepare.
+  # download=True cannot prepare: the error still names the folder searched.
+  with pytest.raises(data.DatasetNotFoundError,
+                     match=rf"searched {tmp_path}/mnist; TFDS_DATA_DIR is .*"
+                     "TensorFlow, which preparing needs, is not installed"):
     data.load_split("mnist", "train", data_dir=str(tmp_path), download=True)
 
 

@@ -2,8 +2,10 @@
 
 Modules, in the order a training run uses them:
 
-* :mod:`~lipjax.training.config_checks`: unknown keys and names get errors
-  that name the fix;
+* :mod:`~lipjax.training.config_files` (``--config FILE[:VARIANT]`` and its
+  overrides, checked before absl parses them) and
+  :mod:`~lipjax.training.config_checks` (unknown keys and names and values
+  out of range): errors that name the fix;
 * :mod:`~lipjax.training.data` (TFDS array_record datasets, splits,
   ``python -m lipjax.training.data prepare``),
   :mod:`~lipjax.training.batches` (deterministic batches),

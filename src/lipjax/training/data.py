@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import sys
@@ -122,12 +123,16 @@ def _not_found_message(name: str, split: str, data_dir: str) -> str:
   if name == "tiny_imagenet":
     manual = (f" --manual_dir M, where the folder M holds the official "
               f"{tiny_imagenet.ZIP_NAME} ({tiny_imagenet.HOMEPAGE})")
+  env = os.environ.get("TFDS_DATA_DIR")
+  searched = os.path.join(data_dir, _tfds_info(name).tfds_name)
   return (
       f"Dataset {name!r} (split {split!r}) is not prepared in array_record "
-      f"format under data_dir={data_dir!r}. Either point to a data_dir that "
-      f"holds it (set TFDS_DATA_DIR or config.data.data_dir), or prepare it "
-      f"there (needs TensorFlow): pip install -e '.[prepare]' && python -m "
-      f"lipjax.training.data prepare {name} --data_dir {data_dir}{manual}.")
+      f"format under data_dir={data_dir!r} (searched {searched}; "
+      f"TFDS_DATA_DIR is {'unset' if env is None else repr(env)}). Either "
+      f"point to a data_dir that holds it (set TFDS_DATA_DIR or "
+      f"config.data.data_dir), or prepare it there (needs TensorFlow): pip "
+      f"install -e '.[prepare]' && python -m lipjax.training.data prepare "
+      f"{name} --data_dir {data_dir}{manual}.")
 
 
 def _decode(source, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,8 +178,9 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     The split as a :class:`Dataset`.
 
   Raises:
-    DatasetNotFoundError: the dataset is missing and ``download`` is False;
-      the message says how to prepare it.
+    DatasetNotFoundError: the dataset is missing and ``download`` is False
+      or TensorFlow (which preparing needs) is not installed; the message
+      names the folder searched and says how to prepare it.
     ValueError: unknown name, or records that do not match the dataset.
   """
   info = _tfds_info(name)
@@ -189,6 +195,11 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     if not download:
       raise DatasetNotFoundError(_not_found_message(name, split,
                                                     data_dir)) from e
+    if importlib.util.find_spec("tensorflow") is None:
+      raise DatasetNotFoundError(
+          _not_found_message(name, split, data_dir) + " (config.data."
+          "download is on, but TensorFlow, which preparing needs, is not "
+          "installed.)") from e
     prepare(name, data_dir)
     return load_split(name, split, data_dir=data_dir, download=False)
   images, labels = _decode(source, name, split)

@@ -143,7 +143,6 @@ def _set_up(config, workdir: str):
   if "://" not in workdir:
     # Orbax needs absolute paths; users type relative ones.
     workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   _check_resume_compatible(workdir, config)
   parallel.check_global_batch(config.batch_size)
 
@@ -168,6 +167,9 @@ def _set_up(config, workdir: str):
                                  num_classes=num_classes)
   abstract = checkpoints.abstract_like(jax.eval_shape(init_fn), replicated)
 
+  # Only now, once the config, the data and the model are known to be good:
+  # a run refused above leaves no empty workdir behind.
+  os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoints.Checkpointer(
       workdir, every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep)
