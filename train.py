@@ -4,7 +4,7 @@ This file is intentionally short: the logic lives in lipjax.training, where
 tests can import it.
 
   python train.py --config configs/fashion_mnist.py:quick --workdir runs/fmnist
-  python train.py --config configs/cifar10.py --workdir runs/c10 \
+  python train.py --config configs/cifar10.py --workdir runs/c10 \\
       --config.num_epochs=300
   # several hosts (run on every host; JAX detects SLURM/TPU clusters):
   python train.py --config configs/cifar10.py --workdir gs://.../c10 --multiprocess
