@@ -9,9 +9,9 @@ where tests can import it.
   python certify.py --workdir /read/only/run --output_dir results/run
 
 Every flag, the workdir and the output folder are checked before any work.
-The table is printed first; then certify_step<N>.json, certify_step<N>_
-accuracy.png and certify_step<N>_radii.png (N: the checkpoint step) are
-written to --output_dir (default: the workdir), and the same files to
+The table is printed first; then, in --output_dir (default: the workdir),
+certify_step<N>.json and its figures certify_step<N>_accuracy.png and
+certify_step<N>_radii.png (N: the checkpoint step), and the same files at
 certify.json, certify_accuracy.png, certify_radii.png unless those hold a
 newer checkpoint's results (certify_<split>* for another --split).
 
