@@ -142,7 +142,8 @@ def _certify():
 
 def _certify_print_write() -> int:
   """Certifies, prints the table, then writes; returns the exit status."""
-  from lipjax.certification import pipeline, report as report_lib  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from lipjax.certification import pipeline, report as report_lib
   report, folder = _certify()
   print(report_lib.format_table(report), flush=True)
   code = pipeline.exit_code(report)

@@ -109,7 +109,7 @@ def test_missing_dataset_names_the_folder_and_leaves_no_workdir(tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("key", sorted(config_checks._VALUES))  # pylint: disable=protected-access
+@pytest.mark.parametrize("key", sorted(config_checks.RANGES))
 def test_every_range_is_checked_at_start_up(key):
   # -1 is outside every range (all start at 0, 1 or 2).
   config = smoke.get_config()

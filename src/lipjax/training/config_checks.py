@@ -1,4 +1,4 @@
-"""Config validation: unknown keys, names and values get errors that name the fix.
+"""Config validation: unknown keys, names and values get errors naming the fix.
 
 :func:`validate` runs before a training run touches its workdir, so that a
 value that could only fail later (a zero logging interval, a zero
@@ -71,7 +71,7 @@ def _range(low, high=None, *, integer=False, above=False, optional=False):
 # ``key: (check, requirement)``.
 _COUNT, _FRACTION = _range(1, integer=True), _range(0, 1)
 _NON_NEGATIVE, _POSITIVE = _range(0), _range(0, above=True)
-_VALUES = {
+RANGES = {
     "seed": _range(0, integer=True), "batch_size": _COUNT,
     "num_epochs": _COUNT, "log_every_steps": _COUNT,
     "data.validation_fraction": _FRACTION,
@@ -127,16 +127,15 @@ def unknown_key_message(key: str, known) -> str:
 
 def _check_values(given: dict, defaults: dict) -> None:
   """Raises ValueError naming the first value outside its range."""
-  for key, (ok, requirement) in _VALUES.items():
+  for key, (ok, requirement) in RANGES.items():
     if key in given and not ok(given[key]):
       raise ValueError(
           f"config.{key} = {given[key]!r} must be {requirement} (the "
           f"default is {defaults.get(key)!r}; --config.{key}=VALUE).")
-  for key in ("eval.eps",):
-    values = given.get(key, ())
-    if not all(_is_number(e) and e >= 0 for e in values):
-      raise ValueError(f"config.{key} = {values!r} must be finite radii >= 0 "
-                       f"(pixel units), e.g. --config.{key}=0.1,0.5.")
+  eps = given.get("eval.eps", ())
+  if not all(_is_number(e) and e >= 0 for e in eps):
+    raise ValueError(f"config.eval.eps = {eps!r} must be finite radii >= 0 "
+                     "(pixel units), e.g. --config.eval.eps=0.1,0.5.")
   shape = given.get("data.synthetic.image_shape", (1, 1, 1))
   if len(shape) != 3 or not all(_is_number(d, integer=True) and d >= 1
                                 for d in shape):
