@@ -1,7 +1,7 @@
 """Every config key, with its meaning. Other configs import and override this.
 
-Not a recipe by itself (it is the MNIST recipe of SPEC §6.2 on whatever
-dataset is named); use one of the dataset configs:
+Not a recipe by itself (it is the MNIST recipe of docs/training.md#recipes on
+whatever dataset is named); use one of the dataset configs:
 
   python train.py --config configs/fashion_mnist.py --workdir runs/fmnist
 """

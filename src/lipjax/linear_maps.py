@@ -7,7 +7,8 @@ first layer, so that Lipschitz constants are in pixel units, and an eval-mode
 batch-norm scale ``gamma / sqrt(var + eps)`` after a conv). Flatten is folded
 into the first dense layer. The adjoint ``W_k^T`` comes from
 ``jax.linear_transpose``, which is exact for any stride and padding (no
-``output_padding`` trap, SPEC §7.10).
+``output_padding`` trap; see
+docs/bounds.md#the-network-as-a-chain-of-linear-maps).
 
 A :class:`LinearChain` is the list of ops plus the activation's slope interval:
 everything a bound needs. It is a pytree (weights are leaves, shapes and
@@ -245,7 +246,7 @@ def from_model(model) -> LinearChain:
   The input normalization ``(x - mean) / std`` contributes ``diag(1/std)``
   to the first layer (its mean is a bias), so bounds are in pixel units. An
   eval-mode batch norm after a conv contributes ``diag(gamma / sqrt(var +
-  eps))`` (SPEC §1.3).
+  eps))`` (docs/bounds.md#batch-norm).
   """
   # Imported here so linear_maps does not depend on flax for plain chains.
   from lipjax import models  # pylint: disable=import-outside-toplevel
