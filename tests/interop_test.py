@@ -15,21 +15,34 @@ reference's own layer declarations transcribed below:
   fails with a one-line error naming the extra and the ``.npz`` route;
 * missing, extra, misshaped and non-finite keys, unknown architectures,
   datasets and file types: one-line errors naming them, nothing written;
+* a converted model written as a workdir restores with the same logits and
+  certifies (``certify``'s pipeline, audit included), also from the CLI;
 * with PyTorch installed only: a real ``torch.save`` of a network built like
   the reference's, in the reference's file layout with a pickled object that
   must not run, converts to a model with torch's logits.
 """
 
 import collections
+import json
+import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import smoke
 from lipjax import interop
 from lipjax import models
+from lipjax.certification import pipeline
+from lipjax.certification import workdir as workdir_lib
+from lipjax.interop import __main__ as cli
+from lipjax.interop import workdir as interop_workdir
+from lipjax.training import augment
+from lipjax.training import checkpoints
+from lipjax.training import steps
 
 # The reference's declarations (Networks/NetworkArchitectures.py of
 # o4lc/CRM-LipLT), transcribed: convs as (in, out, kernel, stride, padding),
@@ -226,6 +239,108 @@ def test_unknown_names_and_files_are_refused(tmp_path):
   # The wrong dataset for the weights: the shapes say so.
   with pytest.raises(ValueError, match="misshaped linear.0.weight"):
     interop.convert_file(path, "2C2F", dataset="cifar10")
+
+
+def _restore_state(workdir, config, model):
+  """The workdir's checkpoint restored without loading any dataset."""
+  tx = steps.make_optimizer(config, steps.make_learning_rate(config, 1))
+  init_fn = steps.make_init_fn(config, tx, input_shape=model.input_shape,
+                               num_classes=model.num_classes)
+  abstract = jax.eval_shape(init_fn)
+  with checkpoints.Checkpointer(workdir, every_steps=1, keep=1) as c:
+    return c.restore(abstract)
+
+
+def test_cli_converts_into_a_workdir(tmp_path, capsys):
+  state = _mnist_2c2f_state()
+  path = str(tmp_path / "ref.npz")
+  np.savez(path, **state)
+  workdir = str(tmp_path / "runs" / "ref")
+  code = cli.main(["convert", path, "--arch", "2C2F", "--dataset",
+                   "fashion_mnist", "--workdir", workdir])
+  assert code == 0, capsys.readouterr().err
+  assert "certify.py --workdir" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "runs")) == ["ref"]  # No leftovers.
+  config = workdir_lib.load_config(workdir)
+  assert config.data.name == "fashion_mnist"
+  assert config.model.architecture == "2C2F"
+  assert tuple(config.model.input_std) == (1.0,)
+  model = interop.convert(state, "2C2F", input_shape=(28, 28, 1),
+                          num_classes=10)
+  restored = _restore_state(workdir, config, model)
+  assert int(restored.step) == 0
+  graphdef = steps.make_graphdef(config, input_shape=(28, 28, 1),
+                                 num_classes=10)
+  x = jnp.asarray(images((28, 28, 1)))
+  np.testing.assert_array_equal(
+      nnx.merge(graphdef, restored.params, restored.rest)(x), model(x))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--arch", "9C2F", "--dataset", "mnist"], "Unknown architecture"),
+    (["--arch", "2C2F", "--dataset", "svhn"], "Unknown dataset"),
+    (["--arch", "4C3F", "--dataset", "mnist"], "missing keys linear.4.weight"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, args,
+                                                    named):
+  path = str(tmp_path / "ref.npz")
+  np.savez(path, **_mnist_2c2f_state())
+  workdir = tmp_path / "new"
+  assert cli.main(["convert", path, "--workdir", str(workdir)] + args) == 2
+  err = capsys.readouterr().err
+  assert named in err and err.count("\n") == 1
+  assert sorted(os.listdir(tmp_path)) == ["ref.npz"]
+
+
+def test_cli_keeps_an_existing_workdir(tmp_path, capsys):
+  path = str(tmp_path / "ref.npz")
+  np.savez(path, **_mnist_2c2f_state())
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text("{}")
+  assert cli.main(["convert", path, "--arch", "2C2F", "--dataset", "mnist",
+                   "--workdir", str(workdir)]) == 2
+  assert "not empty" in capsys.readouterr().err
+  assert os.listdir(workdir) == ["config.json"]
+  assert (workdir / "config.json").read_text() == "{}"
+
+
+def test_cli_lists_keys(capsys):
+  assert cli.main(["keys", "--arch", "2C2F", "--dataset", "mnist"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[4] == "linear.5.weight\t(100, 1568)" and len(lines) == 8
+
+
+def test_converted_workdir_certifies(tmp_path):
+  # The smoke config's synthetic 8x8x1 images, 4 classes.
+  config = smoke.get_config()
+  modules = reference_modules("2C2F", (8, 8, 1))
+  modules[-1] = ("linear", (4, 100))
+  # Random weights with this seed get 7 of the first 16 test images right.
+  state = reference_state(modules, seed=0)
+  model = interop.convert(state, "2C2F", input_shape=(8, 8, 1),
+                          num_classes=4)
+  workdir = interop_workdir.write(model, "2C2F", config,
+                                  str(tmp_path / "ref"))
+  restored = workdir_lib.restore(workdir)
+  test = restored.datasets["test"]
+  x = augment.to_float(test.images[:16])
+  np.testing.assert_array_equal(restored.model(x), model(x))
+  accuracy = float(np.mean(np.argmax(model(x), 1) == test.labels[:16]))
+  assert accuracy == 7 / 16
+  report = pipeline.run(workdir, eps=(0.01, 0.05), pgd_steps=3,
+                        pgd_restarts=1, num_examples=16, progress=False)
+  assert report["clean_accuracy"] == accuracy
+  assert 0 < report["certified_accuracy"][0] <= accuracy
+  assert report["audit"]["violations"] == 0
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model"]["architecture"] == "2C2F"
+  with pytest.raises(FileExistsError, match="not empty"):
+    interop_workdir.write(model, "2C2F", config, workdir)
+  config.data.synthetic.num_classes = 5
+  with pytest.raises(ValueError, match="5 classes"):
+    interop_workdir.write(model, "2C2F", config, str(tmp_path / "other"))
+  assert not (tmp_path / "other").exists()
 
 
 class _MustNotRun:
