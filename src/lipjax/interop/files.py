@@ -29,9 +29,9 @@ import numpy as np
 # first.
 _WRAPPERS = ("stateDictionary", "networkStateDictionary", "original")
 
-_NPZ_HINT = ("or save the tensors as .npz (no PyTorch needed): "
-             "numpy.savez('model.npz', **{k: v.numpy() for k, v in "
-             "state_dict.items()})")
+_NPZ_HINT = ("or save its layer tensors as .npz where PyTorch is "
+             "installed: numpy.savez('model.npz', **{k: v.numpy() for k, v "
+             "in net.state_dict()['original'].items()})")
 
 
 class TorchMissingError(ImportError):
