@@ -14,7 +14,8 @@ reference's own layer declarations transcribed below:
 * the ``.npz`` route works with PyTorch unimportable, and a ``.pth`` then
   fails with a one-line error naming the extra and the ``.npz`` route;
 * missing, extra, misshaped and non-finite keys, unknown architectures,
-  datasets and file types: one-line errors naming them, nothing written;
+  datasets and file types, a file recording another architecture: one-line
+  errors naming them, nothing written;
 * a converted model written as a workdir restores with the same logits and
   certifies (``certify``'s pipeline, audit included), also from the CLI;
 * with PyTorch installed only: a real ``torch.save`` of a network built like
@@ -63,7 +64,15 @@ REFERENCE = {
               (128, 256, 3, 1, 1), (256, 256, 4, 2, 0)),
              ((9216, 256), (256, 200))),
 }
-# The dataset each was declared for: (C, H, W) and classes.
+# Reference names lipjax does not declare, transcribed the same way.
+REFERENCE_OTHERS = {
+    "8C2FOriginal": (((3, 64, 3, 1, 1), (64, 64, 3, 1, 1), (64, 64, 4, 2, 0),
+                      (64, 128, 3, 1, 1), (128, 128, 3, 1, 1),
+                      (128, 128, 4, 2, 0), (128, 256, 3, 1, 1),
+                      (256, 256, 4, 2, 0)),
+                     ((9216, 256), (256, 200))),
+}
+# The dataset each was declared for.
 REFERENCE_DATASET = {"3F": "mnist", "2C2F": "mnist", "4C3F": "mnist",
                      "6C2F": "cifar10", "8C2F": "tiny_imagenet"}
 # Small inputs whose last feature map is not square (3 x 2), so that a
@@ -77,7 +86,7 @@ STD = (0.2, 0.3, 0.5)
 
 def reference_modules(arch, input_shape):
   """The reference's nn.Sequential as (kind, weight shape, stride, pad)."""
-  convs, linears = REFERENCE[arch]
+  convs, linears = {**REFERENCE, **REFERENCE_OTHERS}[arch]
   height, width, channels = input_shape
   modules = []
   for _, c_out, k, s, p in convs:
@@ -241,6 +250,44 @@ def test_unknown_names_and_files_are_refused(tmp_path):
     interop.convert_file(path, "2C2F", dataset="cifar10")
 
 
+def test_a_recorded_architecture_must_match():
+  # 8C2FOriginal pads its second conv where 8C2F does not, yet on 64x64
+  # inputs every weight has the same shape: only the file's record of its
+  # architecture tells them apart.
+  shapes = {arch: {k: v.shape for k, v in reference_state(
+      reference_modules(arch, (64, 64, 3))).items()}
+            for arch in ("8C2F", "8C2FOriginal")}
+  assert shapes["8C2F"] == shapes["8C2FOriginal"]
+  with pytest.raises(ValueError, match="'8C2FOriginal', not '8C2F': lipjax "
+                     "does not declare"):
+    interop.layout.check_recorded("8C2FOriginal", "8C2F", "ref.pth")
+  with pytest.raises(ValueError, match="convert it with --arch 2C2F"):
+    interop.layout.check_recorded("2C2F", "4C3F", "ref.pth")
+  for recorded, arch in ((None, "8C2F"), ("8C2F", "8C2F"),
+                         ("8C2FCIFAR100", "8C2F"),
+                         ("6C2FTinyImagenet", "6C2F")):
+    interop.layout.check_recorded(recorded, arch, "ref.pth")
+
+
+@pytest.mark.parametrize("alias, dataset, first_in, classes", [
+    ("6C2FTinyImagenet", "tiny_imagenet", 4096, 200),
+    ("8C2FCIFAR100", "cifar100", 1024, 100)])
+def test_aliases_are_lipjax_architectures_on_other_data(alias, dataset,
+                                                        first_in, classes):
+  # The reference's declarations of these names: 6C2F's and 8C2F's layers
+  # with these linear sizes.
+  arch = interop.REFERENCE_ALIASES[alias]
+  with pytest.raises(ValueError, match=f"use '{arch}' with that dataset"):
+    interop.layout.check_architecture(alias)
+  input_shape, num_classes = interop.dataset_shape(dataset)
+  model = nnx.eval_shape(lambda: models.build(
+      arch, num_classes=num_classes, input_shape=input_shape,
+      rngs=nnx.Rngs(0)))
+  shapes = list(interop.expected_shapes(model).values())
+  assert shapes[-4] == (REFERENCE[arch][1][0][1], first_in)
+  assert shapes[-2][0] == classes
+
+
 def _restore_state(workdir, config, model):
   """The workdir's checkpoint restored without loading any dataset."""
   tx = steps.make_optimizer(config, steps.make_learning_rate(config, 1))
@@ -387,8 +434,10 @@ def test_torch_pth_round_trip(tmp_path, arch, dataset):
              "eigenVectors": {(0, 0): torch.randn(3)},
              "batchEigenVectors": [torch.randn(2, 3)]}
   path = str(tmp_path / "ref.pth")
-  torch.save({"stateDictionary": network,
-              "checkpointDictionary": {"dataLoaders": _MustNotRun()}}, path)
+  saved = {"stateDictionary": network,
+           "checkpointDictionary": {"dataLoaders": _MustNotRun(),
+                                    "architectureToUse": arch}}
+  torch.save(saved, path)
   model = interop.convert_file(path, arch, dataset=dataset)
   x = images(input_shape)
   mean, std = interop.REFERENCE_NORMALIZATION[dataset] or ((0.0,), (1.0,))
@@ -397,6 +446,11 @@ def test_torch_pth_round_trip(tmp_path, arch, dataset):
     want = net.linear(normalized.permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), want,
                              rtol=0, atol=1e-5)
+  # The file's record of its architecture is checked.
+  other = "4C3F" if arch == "2C2F" else "8C2F"
+  with pytest.raises(ValueError, match=f"records the reference architecture "
+                     f"'{arch}', not '{other}'"):
+    interop.convert_file(path, other, dataset=dataset)
   # A plain state dict (as in tempBestStateDict.pth) loads the same way.
   torch.save(collections.OrderedDict(net.state_dict()), path)
   assert sorted(interop.read_state_dict(path)) == sorted(net.state_dict())

@@ -28,11 +28,13 @@ from lipjax.interop import files
 from lipjax.interop import layout
 from lipjax.interop.files import TorchMissingError
 from lipjax.interop.files import read_state_dict
+from lipjax.interop.layout import REFERENCE_ALIASES
 from lipjax.interop.layout import REFERENCE_NORMALIZATION
 from lipjax.interop.layout import convert
 from lipjax.interop.layout import expected_shapes
 
 __all__ = (
+    "REFERENCE_ALIASES",
     "REFERENCE_NORMALIZATION",
     "TorchMissingError",
     "convert",
@@ -79,7 +81,9 @@ def convert_file(path: str, architecture: str, *, dataset: str,
 
   Raises:
     FileNotFoundError, TorchMissingError, ValueError: one line each, before
-      any conversion work.
+      any conversion work; ValueError also for a file whose recorded
+      reference architecture (``architectureToUse``) is not
+      ``architecture`` or one of its :data:`REFERENCE_ALIASES`.
   """
   layout.check_architecture(architecture)
   input_shape, num_classes = dataset_shape(dataset)
@@ -88,7 +92,8 @@ def convert_file(path: str, architecture: str, *, dataset: str,
                      f"the reference's {dataset} normalization is used).")
   if input_mean is None and REFERENCE_NORMALIZATION[dataset] is not None:
     input_mean, input_std = REFERENCE_NORMALIZATION[dataset]
-  state = read_state_dict(path)
-  return convert(state, architecture, input_shape=input_shape,
+  checkpoint = files.read(path)
+  layout.check_recorded(checkpoint.architecture, architecture, path)
+  return convert(checkpoint.state, architecture, input_shape=input_shape,
                  num_classes=num_classes, input_mean=input_mean,
                  input_std=input_std, activation=activation)

@@ -18,6 +18,7 @@ Two inputs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import types
@@ -36,6 +37,32 @@ _NPZ_HINT = ("or save its layer tensors as .npz where PyTorch is "
 
 class TorchMissingError(ImportError):
   """A ``.pth`` file was given but PyTorch is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """What a reference file holds that the conversion uses.
+
+  Attributes:
+    state: the layer state dict, ``{"linear.{i}.weight": array, ...}``:
+      numpy arrays for tensors, other values as they are (the key check
+      then names them).
+    architecture: the reference architecture name the file records (its
+      ``architectureToUse``), or None (``.npz``, a bare state dict).
+  """
+  state: dict[str, Any]
+  architecture: str | None
+
+
+def _recorded_architecture(obj: Any) -> str | None:
+  """``architectureToUse`` of a final file or a resumable checkpoint."""
+  if not isinstance(obj, Mapping):
+    return None
+  for holder in (obj, obj.get("checkpointDictionary")):
+    if isinstance(holder, Mapping) and isinstance(
+        holder.get("architectureToUse"), str):
+      return holder["architectureToUse"]
+  return None
 
 
 def _unwrap(obj: Any, path: str) -> Mapping:
@@ -107,7 +134,7 @@ _TENSORS_ONLY.Unpickler = _TensorsOnlyUnpickler
 _TENSORS_ONLY.load = lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load()
 
 
-def _read_pth(path: str) -> Mapping:
+def _read_pth(path: str) -> Checkpoint:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -127,22 +154,18 @@ def _read_pth(path: str) -> Mapping:
   except Exception as error:
     raise ValueError(f"{path} cannot be read as a PyTorch file "
                      f"({type(error).__name__}: {error}).") from None
-  state = _unwrap(obj, path)
-  return {key: (value.detach().cpu().numpy()
-                if isinstance(value, torch.Tensor) else value)
-          for key, value in state.items()}
+  state = {key: (value.detach().cpu().numpy()
+                 if isinstance(value, torch.Tensor) else value)
+           for key, value in _unwrap(obj, path).items()}
+  return Checkpoint(state, _recorded_architecture(obj))
 
 
-def read_state_dict(path: str) -> dict[str, Any]:
-  """The reference's layer state dict in a ``.pth`` or ``.npz`` file.
+def read(path: str) -> Checkpoint:
+  """The layer state dict in a ``.pth`` or ``.npz`` file, and its metadata.
 
   Args:
     path: a ``.npz`` of the layer tensors, or a ``.pth`` / ``.pt`` that the
       reference's ``torch.save`` wrote (needs PyTorch).
-
-  Returns:
-    ``{"linear.{i}.weight": array, ...}``: numpy arrays for tensors; other
-    values are returned as they are (the key check then names them).
 
   Raises:
     FileNotFoundError: no such file.
@@ -153,8 +176,13 @@ def read_state_dict(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"No checkpoint file {path}.")
   suffix = os.path.splitext(path)[1].lower()
   if suffix == ".npz":
-    return dict(_unwrap(_read_npz(path), path))
+    return Checkpoint(dict(_unwrap(_read_npz(path), path)), None)
   if suffix in (".pth", ".pt"):
     return _read_pth(path)
   raise ValueError(f"{path}: unknown checkpoint type {suffix!r}; give a "
                    "PyTorch .pth / .pt file or an .npz of its tensors.")
+
+
+def read_state_dict(path: str) -> dict[str, Any]:
+  """Just the layer state dict of :func:`read`."""
+  return read(path).state

@@ -47,6 +47,11 @@ REFERENCE_NORMALIZATION = {
 }
 
 
+# Reference names whose layers are a lipjax architecture's on another
+# dataset (the reference fixes linear input sizes, lipjax derives them).
+REFERENCE_ALIASES = {"6C2FTinyImagenet": "6C2F", "8C2FCIFAR100": "8C2F"}
+
+
 def layer_keys(spec: Sequence) -> list[str]:
   """The reference's ``nn.Sequential`` prefix of every weight layer.
 
@@ -68,10 +73,32 @@ def layer_keys(spec: Sequence) -> list[str]:
 
 def check_architecture(name: str) -> None:
   """One-line ValueError unless ``name`` is a reference architecture."""
+  if name in REFERENCE_ALIASES:
+    raise ValueError(f"The reference's {name!r} is lipjax's "
+                     f"{REFERENCE_ALIASES[name]!r} on another dataset: use "
+                     f"{REFERENCE_ALIASES[name]!r} with that dataset.")
   if name not in models.ARCHITECTURES:
     raise ValueError(
         f"Unknown architecture {name!r}; the reference architectures lipjax "
         f"declares are {', '.join(models.ARCHITECTURES)}.")
+
+
+def check_recorded(recorded: str | None, architecture: str,
+                   path: str) -> None:
+  """One-line ValueError if a file records another reference architecture.
+
+  Shapes alone cannot tell some apart: the reference's 8C2FOriginal pads its
+  second conv where 8C2F does not, with the same weight shapes on 64x64
+  inputs.
+  """
+  if recorded is None or REFERENCE_ALIASES.get(recorded,
+                                               recorded) == architecture:
+    return
+  known = REFERENCE_ALIASES.get(recorded, recorded)
+  fix = (f"convert it with --arch {known}" if known in models.ARCHITECTURES
+         else "lipjax does not declare that architecture")
+  raise ValueError(f"{path} records the reference architecture "
+                   f"{recorded!r}, not {architecture!r}: {fix}.")
 
 
 def _torch_shapes(layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
