@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("--input_std", type=_floats, help="Per-channel std, "
                        "with --input_mean.")
   convert.add_argument("--activation", default="relu",
-                       choices=activations.ACTIVATIONS)
+                       choices=activations.ACTIVATIONS, help="The reference "
+                       "network's activation (its training script: relu).")
   return parser
 
 
