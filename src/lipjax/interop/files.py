@@ -5,12 +5,12 @@ Two inputs:
 * ``.npz``: the layer tensors under their state-dict keys
   (``linear.{i}.weight``, ...); numpy alone reads it, no PyTorch needed;
 * ``.pth`` / ``.pt``: anything the reference's ``torch.save`` wrote, which
-  needs PyTorch (the ``interop`` extra). Its training script saves the
-  network as ``{"original": layer state dict, "eigenVectors": ...,
-  "batchEigenVectors": ...}`` (its ``state_dict`` override), and that either
-  alone or inside ``{"stateDictionary": ...}`` (the final file) or
-  ``{"networkStateDictionary": ...}`` (the resumable checkpoint). The last
-  two also pickle the run's DataLoaders, which ``torch.load(...,
+  needs PyTorch (the ``interop`` extra). The reference network's
+  ``state_dict`` override returns ``{"original": layer state dict,
+  "eigenVectors": ..., "batchEigenVectors": ...}``, and its training script
+  saves that alone, under ``"stateDictionary"`` in the final file, or under
+  ``"networkStateDictionary"`` in the resumable checkpoint. The last two
+  also pickle the run's DataLoaders, which ``torch.load(...,
   weights_only=True)`` refuses; such files are read by an unpickler that
   builds tensors only and replaces every other pickled object by an inert
   placeholder, so no code from the file runs either way.
