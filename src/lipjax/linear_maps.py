@@ -34,6 +34,34 @@ def _static(**kwargs):
   return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
+def _conv_by_patches(x, weight, strides, padding):
+  """The conv of :class:`LinearOp` as strided slices and one matrix product.
+
+  The same map as ``lax.conv_general_dilated`` (NHWC, HWIO), for the
+  float64 certification sweeps: XLA:CPU runs some float64 convolutions (the
+  adjoints of strided ones above all) 10-30x slower than this, whose
+  transpose is pads and adds around a matrix product.
+
+  Args:
+    x: ``[batch, H, W, c_in]``.
+    weight: ``[kh, kw, c_in, c_out]``.
+    strides: ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))``.
+
+  Returns:
+    ``[batch, H_out, W_out, c_out]``.
+  """
+  kh, kw, c_in, c_out = weight.shape
+  (sh, sw) = strides
+  x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return patches @ weight.reshape(kh * kw * c_in, c_out)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LinearOp:
@@ -94,6 +122,8 @@ class LinearOp:
     weight = self.weight.astype(x.dtype)
     if self.kind == "dense":
       y = x.reshape(x.shape[0], -1) @ weight
+    elif x.dtype == jnp.float64:
+      y = _conv_by_patches(x, weight, self.strides, self.padding)
     else:
       y = jax.lax.conv_general_dilated(
           x, weight, window_strides=self.strides, padding=self.padding,
