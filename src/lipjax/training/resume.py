@@ -102,7 +102,7 @@ def restore(checkpointer, abstract_state, *, step: int | None = None):
     try:
       state = checkpointer.restore(abstract_state, saved)
     except checkpoints.CorruptCheckpointError as error:
-      log(f"error: {error}")
+      log(f"warning: {error}")
       corrupt.append(saved)
       continue
     for bad in corrupt:
