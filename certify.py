@@ -10,7 +10,8 @@ where tests can import it.
 Writes WORKDIR/certify.json, certify_accuracy.png and certify_radii.png
 (certify_<split>* for another --split) and prints a table. Exit status: 0;
 1 if the attack audit broke a certified point (a soundness violation); 2 for
-a usage error (missing workdir, checkpoint or dataset, --exact impossible).
+a usage error (missing workdir, checkpoint or dataset, --exact impossible);
+3 for a corrupt checkpoint (unreadable, or failing its checksums).
 """
 
 import sys
@@ -91,6 +92,9 @@ def main(argv):
           data.DatasetNotFoundError) as error:
     print(f"certify.py: error: {error}", file=sys.stderr)
     return 2
+  except checkpoints.CorruptCheckpointError as error:
+    print(f"certify.py: error: {error}", file=sys.stderr)
+    return 3
   paths = report_lib.write(report)
   print(report_lib.format_table(report), flush=True)
   print("wrote " + ", ".join(paths.values()), flush=True)

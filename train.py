@@ -6,6 +6,9 @@ tests can import it.
   python train.py --config configs/fashion_mnist.py:quick --workdir runs/fmnist
   python train.py --config configs/cifar10.py --workdir runs/c10 \
       --config.num_epochs=300
+  # resume from an earlier checkpoint (later ones are moved aside, kept):
+  python train.py --config configs/cifar10.py --workdir runs/c10 \
+      --checkpoint 5000
   # several hosts (run on every host; JAX detects SLURM/TPU clusters):
   python train.py --config configs/cifar10.py --workdir gs://.../c10 --multiprocess
 """
@@ -22,6 +25,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
+flags.DEFINE_integer("checkpoint", None, "Resume from this saved step "
+                     "(default: the newest intact checkpoint); later "
+                     "checkpoints are moved to WORKDIR/checkpoints_set_aside.")
 flags.DEFINE_bool("multiprocess", False,
                   "Call jax.distributed.initialize() before using devices.")
 flags.DEFINE_string("coordinator_address", None,
@@ -46,10 +52,16 @@ def main(argv):
   from lipjax.training import checkpoints
   from lipjax.training import data
   from lipjax.training import loop
+  from lipjax.training import resume
+  from lipjax.training import workdir_lock
   expected = (data.DatasetNotFoundError, checkpoints.IncompatibleCheckpointError,
-              loop.NonFiniteLossError, ImportError)
+              checkpoints.CorruptCheckpointError,
+              checkpoints.CheckpointNotFoundError, resume.ConfigChangedError,
+              workdir_lock.WorkdirLockedError, loop.NonFiniteLossError,
+              ImportError)
   try:
-    final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    checkpoint=FLAGS.checkpoint)
   except expected as error:
     # Errors a user fixes from the message alone: no traceback.
     sys.exit(f"error: {error}")

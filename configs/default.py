@@ -88,6 +88,11 @@ def get_config():
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 3
+  # Divergence guard (not for loss ce): a bound estimate above max_lipschitz,
+  # or over max_lipschitz_growth x the previous logged one, stops the run
+  # and is never saved.
+  c.checkpoint.max_lipschitz = 1e6
+  c.checkpoint.max_lipschitz_growth = 100.0
 
   c.log_every_steps = 50
   c.progress = True               # progress bars on stderr

@@ -59,3 +59,8 @@ def validate(config, reference) -> None:
   eps = given.get("eval.eps", ())
   if any(e < 0 for e in eps):
     raise ValueError(f"eval.eps must be non-negative (pixel units), got {eps}.")
+
+
+def flatten(config) -> dict:
+  """``{"a.b.c": value}`` for a ConfigDict or a plain (JSON) dict."""
+  return _flatten(config)
