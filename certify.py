@@ -17,9 +17,11 @@ newer checkpoint's results (certify_<split>* for another --split).
 
 Exit status: 0 done; 1 soundness violation (the attack audit broke a
 certified point); 2 usage error (a bad flag, a missing workdir, checkpoint
-or dataset, --exact impossible), nothing done; 3 I/O or other failure (e.g.
-the output folder is not writable: refused before any work, or a write
-failed after the table was printed; no partial file is left).
+or dataset, --exact impossible), nothing done; 3 I/O or other failure: the
+checkpoint is corrupt (unreadable, or failing its checksums; the message
+lists the other saved steps) or the output folder is not writable (both
+refused before any certifying), or a write failed after the table was
+printed (no partial file is left).
 """
 
 import sys
@@ -136,7 +138,7 @@ def _certify():
     return pipeline.run(FLAGS.workdir, **settings), folder
   except usage_errors as error:
     cli.error_exit(PROGRAM, error, cli.USAGE)
-  except OSError as error:  # E.g. an unreadable checkpoint file.
+  except OSError as error:  # E.g. a corrupt checkpoint (steps listed).
     cli.error_exit(PROGRAM, error, cli.FAILURE)
 
 

@@ -6,6 +6,9 @@ tests can import it.
   python train.py --config configs/fashion_mnist.py:quick --workdir runs/fmnist
   python train.py --config configs/cifar10.py --workdir runs/c10 \\
       --config.num_epochs=300
+  # resume from an earlier checkpoint (later ones are moved aside, kept):
+  python train.py --config configs/cifar10.py --workdir runs/c10 \\
+      --checkpoint 5000
   # several hosts (run on every host; JAX detects SLURM/TPU clusters):
   python train.py --config configs/cifar10.py --workdir gs://.../c10 --multiprocess
 
@@ -18,9 +21,14 @@ configs/default.py lists every key with its meaning.
 
 The config, its variant, every override and every value are checked before
 the workdir is touched: a mistake gets one line on stderr that names the
-fix. Exit status: 0 done; 1 the loss or the parameters stopped being finite
-(the last good checkpoint is kept); 2 a usage error (a bad flag, config,
-variant, key or value, a missing dataset, a workdir holding another run).
+fix. Exit status: 0 done; 1 training diverged (a non-finite loss or
+parameters, or a wild Lipschitz bound; every checkpoint kept is from before
+it); 2 a usage error, nothing written (a bad flag, config, variant, key or
+value, a missing dataset, a config that changes the data or model of the
+run in the workdir, another train.py in it, a --checkpoint step that was
+not saved or a checkpoint of another model); 3 the --checkpoint step is
+corrupt (the message lists the other saved steps), or every checkpoint is
+(nothing intact to resume from); nothing is moved or deleted.
 
 Configs:
 """
@@ -43,6 +51,9 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config: FILE[:VARIANT]; override keys with "
     "--config.KEY=VALUE (see above).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
+flags.DEFINE_integer("checkpoint", None, "Resume from this saved step "
+                     "(default: the newest intact checkpoint); later "
+                     "checkpoints are moved to WORKDIR/checkpoints_set_aside.")
 flags.DEFINE_bool("multiprocess", False,
                   "Call jax.distributed.initialize() before using devices.")
 flags.DEFINE_string("coordinator_address", None,
@@ -67,15 +78,24 @@ def main(argv):
   from lipjax.training import checkpoints
   from lipjax.training import data
   from lipjax.training import loop
+  from lipjax.training import resume
+  from lipjax.training import workdir_lock
+  # Errors a user fixes from the message alone (train_and_evaluate raises
+  # ValueError only for bad input).
+  usage_errors = (ValueError, ImportError, data.DatasetNotFoundError,
+                  resume.ConfigChangedError,
+                  checkpoints.IncompatibleCheckpointError,
+                  checkpoints.CheckpointNotFoundError,
+                  workdir_lock.WorkdirLockedError)
   try:
-    final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    checkpoint=FLAGS.checkpoint)
   except loop.NonFiniteLossError as error:
     cli.error_exit(PROGRAM, error, cli.VIOLATION)
-  # Errors a user fixes from the message alone (train_and_evaluate raises
-  # ValueError only for bad input): one line, no traceback.
-  except (ValueError, data.DatasetNotFoundError,
-          checkpoints.IncompatibleCheckpointError, ImportError) as error:
+  except usage_errors as error:
     cli.error_exit(PROGRAM, error, cli.USAGE)
+  except checkpoints.CorruptCheckpointError as error:  # Nothing to resume.
+    cli.error_exit(PROGRAM, error, cli.FAILURE)
   # One line per process, so multi-process runs can be compared.
   print("final metrics: " + json.dumps(final, sort_keys=True), flush=True)
 

@@ -101,9 +101,9 @@ def depth_scaling(*, quick, sink, peak_gflops):
                         "input_shape": [16, 16, 3]})
 
 
-def certification(*, quick, sink):
+def certification(*, quick, sink, archs=None):
   """Certified bounds: ``lipjax.bound(model)`` (Lanczos, delta = 1e-9)."""
-  for arch in (("4C3F",) if quick else ("4C3F", "6C2F")):
+  for arch in archs or (("4C3F",) if quick else ("4C3F", "6C2F")):
     model = common.build_model(arch)
     kwargs = dict(method="liplt", kind="pairwise", return_info=True, seed=0)
     lipjax.bound(model, **kwargs)  # compile

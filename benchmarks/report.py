@@ -8,8 +8,8 @@ import re
 BEGIN = "<!-- BEGIN GENERATED (python -m benchmarks.run) -->"
 END = "<!-- END GENERATED -->"
 
-# Reference PyTorch timings quoted in the issue (torch 2.13 CPU, 2 threads,
-# batch 512, median of 7); not measured here.
+# Reference PyTorch timings (torch 2.13 CPU, 2 threads, batch 512, median of
+# 7), as given when the performance targets were set; not measured here.
 REFERENCE = {
     ("train_step", "4C3F", "ce"): 0.43, ("train_step", "4C3F", "crm"): 0.53,
     ("train_step", "6C2F", "ce"): 0.58, ("train_step", "6C2F", "crm"): 0.61,
@@ -17,7 +17,7 @@ REFERENCE = {
     ("bound", "6C2F", 100, "value"): 4.1,
     ("bound", "8C2F", 5, "value+grad"): 6.7,
     ("certification", "6C2F", 100): 4.1,
-    # The certificates issue: 1000 plain power iterations, no guarantee.
+    # The reference code, 1000 plain power iterations, no guarantee.
     ("certification", "6C2F", 1000): 9.0,
 }
 

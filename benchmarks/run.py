@@ -33,10 +33,19 @@ def main(argv=None) -> int:
                       help="markdown file to update ('' to skip)")
   parser.add_argument("--jsonl", default="",
                       help="also append the records to this file")
+  parser.add_argument("--archs", default="",
+                      help="comma-separated architectures for the train and "
+                      "certification sections (default: 4C3F,6C2F; "
+                      "8C2F is 64x64x3 with 200 classes)")
   parser.add_argument("--trained-workdir", default="runs/fashion_mnist_quick",
                       help="train.py workdir of a trained model (tightness)")
   args = parser.parse_args(argv)
   only = set(args.only.split(","))
+  archs = tuple(a for a in args.archs.split(",") if a) or None
+  unknown_archs = set(archs or ()) - set(common.ARCHS)
+  if unknown_archs:
+    parser.error(f"unknown archs {sorted(unknown_archs)}; use "
+                 f"{tuple(common.ARCHS)}")
   unknown = only - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}; use {SECTIONS}")
@@ -48,12 +57,12 @@ def main(argv=None) -> int:
   peak = common.matmul_peak(2048, repeats=5 if args.quick else 9)
   common.emit({"name": "matmul_peak", "arch": None, **peak}, records)
   if "train" in only:
-    bench_train.train_steps(quick=args.quick, sink=records)
+    bench_train.train_steps(quick=args.quick, sink=records, archs=archs)
   if "bound" in only:
     bench_bound.bound_grid(quick=args.quick, sink=records,
                            peak_gflops=peak["gflops"])
   if "certification" in only:
-    bench_bound.certification(quick=args.quick, sink=records)
+    bench_bound.certification(quick=args.quick, sink=records, archs=archs)
   if "depth" in only:
     bench_bound.depth_scaling(quick=args.quick, sink=records,
                               peak_gflops=peak["gflops"])

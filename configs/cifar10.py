@@ -1,4 +1,4 @@
-"""CIFAR-10, 6C2F, CRM + LipLT pairwise: the reference recipe (SPEC §6.2).
+"""CIFAR-10, 6C2F, CRM + LipLT pairwise: the reference recipe.
 
   python train.py --config configs/cifar10.py --workdir runs/c10
 
@@ -8,7 +8,8 @@ Units. The reference feeds Normalize(0.5, 0.5) inputs in [-1, 1] and measures
 normalized ones: the reference's ε = 0.141 is 0.0706 ≈ 18/255 pixels and its
 r0 = 0.2 is 0.1. eval.eps lists both the reference's 0.141 (normalized) as
 0.0706 pixels and GloRo's 36/255 pixels. To reproduce the reference's
-training exactly, r0 = 0.1 and train_eps = 0.1551 / 2 are set below.
+training exactly, r0 = 0.1 and train_eps = 0.1551 / 2 are set below. Recipes
+and units: docs/training.md#recipes, docs/bounds.md#units.
 """
 
 from configs import default

@@ -1,7 +1,7 @@
 """Every config key, with its meaning. Other configs import and override this.
 
-Not a recipe by itself (it is the MNIST recipe of SPEC §6.2 on whatever
-dataset is named); use one of the dataset configs:
+Not a recipe by itself (it is the MNIST recipe of docs/training.md#recipes on
+whatever dataset is named); use one of the dataset configs:
 
   python train.py --config configs/fashion_mnist.py --workdir runs/fmnist
 """
@@ -88,6 +88,11 @@ def get_config():
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 3
+  # Divergence guard (not for loss ce): a bound estimate above max_lipschitz,
+  # or over max_lipschitz_growth x the previous logged one, stops the run
+  # and is never saved.
+  c.checkpoint.max_lipschitz = 1e6
+  c.checkpoint.max_lipschitz_growth = 100.0
 
   c.log_every_steps = 50
   c.progress = True               # progress bars on stderr

@@ -1,6 +1,7 @@
 """Fashion-MNIST, CRM + LipLT pairwise (or a baseline loss).
 
-Full recipe (4C3F, the MNIST schedule of SPEC §6.2, 100 epochs):
+Full recipe (4C3F, the MNIST schedule of docs/training.md#recipes, 100
+epochs):
 
   python train.py --config configs/fashion_mnist.py --workdir runs/fmnist
 

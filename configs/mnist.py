@@ -1,8 +1,9 @@
-"""MNIST, 4C3F, CRM + LipLT pairwise: the reference recipe (SPEC §6.2).
+"""MNIST, 4C3F, CRM + LipLT pairwise: the reference recipe.
 
   python train.py --config configs/mnist.py --workdir runs/mnist
 
 No input normalization, so ε is in pixel units as in the paper (1.58).
+Recipes: docs/training.md#recipes.
 """
 
 from configs import default

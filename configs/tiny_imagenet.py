@@ -4,8 +4,9 @@
       --manual_dir DIR_WITH_tiny-imagenet-200.zip       # once, needs [prepare]
   python train.py --config configs/tiny_imagenet.py --workdir runs/tiny
 
-Reference recipe of SPEC §6.2; no input normalization, so ε is in pixels.
-The test split is the labelled 10k validation set (SPEC §7.14).
+Reference recipe (docs/training.md#recipes); no input normalization, so ε is
+in pixels. The test split is the labelled 10k validation set
+(docs/training.md#data).
 """
 
 from configs import default

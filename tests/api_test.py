@@ -51,7 +51,7 @@ def test_readme_model_examples_shapes():
   state = lipjax.init_power_state(model)
   assert state.products == lipjax.required_products(7, method="liplt",
                                                     kind="pairwise")
-  assert len(state.products) == 21  # SPEC §3.5
+  assert len(state.products) == 21  # docs/bounds.md#products-and-cost
   lip, state2 = lipjax.bound(model, iterations=1, state=state,
                              return_state=True)
   assert lip.shape == (10, 10)

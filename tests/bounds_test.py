@@ -1,7 +1,7 @@
-"""Bound tests: SPEC §8 numbers, closed forms, relations, soundness, grads.
+"""Bound tests: worked examples, closed forms, relations, soundness, grads.
 
 Ground truth is independent of the code under test: hand-computed numbers
-(SPEC §8.2, §8.3) and a numpy closed form over dense SVD norms
+(docs/bounds.md#worked-examples) and a numpy closed form over dense SVD norms
 (``tests/reference.py``). Soundness is also checked by sampling: no pair of
 inputs may move a logit difference by more than ``L_ij ||x - x'||``.
 """
@@ -26,11 +26,11 @@ SETTINGS = hypothesis.settings(max_examples=25, deadline=None,
                                suppress_health_check=list(
                                    hypothesis.HealthCheck))
 
-# SPEC §8.2.
+# docs/bounds.md#two-classes.
 W0 = np.diag([2.0, 1.0])
 W1 = np.array([[0.0, 1.0], [1.0, 0.0]])
 W2 = np.diag([3.0, 1.0])
-# SPEC §8.3.
+# docs/bounds.md#three-classes.
 A0 = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [1.0, 0.0, 1.0]])
 A1 = np.array([[1.0, -1.0, 2.0], [0.0, 1.0, 1.0]])
 A2 = np.array([[1.0, 0.0], [-1.0, 2.0], [0.5, 1.0]])
@@ -55,11 +55,11 @@ def pair(matrix, i, j):
   return float(np.asarray(matrix)[i, j])
 
 
-# ---------------------------------------------------------------- SPEC §8.2
+# ------------------------------------------------------------- two classes
 
 
 @pytest.mark.parametrize("exact", [True, "auto"])
-def test_spec_8_2_hand_computed_numbers(exact):
+def test_two_classes_hand_computed_numbers(exact):
   mats = [W0, W1, W2]
   get = functools.partial(lipjax.bound, mats, exact=exact, safety_factor=1.0)
   np.testing.assert_allclose(get(kind="global"), 5.25, rtol=1e-6)
@@ -70,14 +70,14 @@ def test_spec_8_2_hand_computed_numbers(exact):
   np.testing.assert_allclose(pair(get(kind="pairwise", method="naive"), 0, 1),
                              6.324555, atol=1e-5)
   np.testing.assert_allclose(get(kind="per_class"), [5.25, 2.0], atol=1e-5)
-  # Closed forms of §8.2, exactly as written there.
+  # The closed forms, exactly as written in docs/bounds.md#two-classes.
   np.testing.assert_allclose(pair(get(kind="pairwise"), 0, 1),
                              (np.sqrt(13) + 6 * np.sqrt(10)) / 4, rtol=1e-6)
   np.testing.assert_allclose(pair(get(kind="pairwise", method="naive"), 0, 1),
                              2 * np.sqrt(10), rtol=1e-6)
 
 
-def test_spec_8_2_true_lipschitz_constant_below_bounds():
+def test_two_classes_true_lipschitz_constant_below_bounds():
   # The true constant is 3 (global) and sqrt(13) (pair); bounds must not be
   # smaller, and LipLT must beat naive.
   mats = [W0, W1, W2]
@@ -87,10 +87,10 @@ def test_spec_8_2_true_lipschitz_constant_below_bounds():
   assert np.sqrt(13) <= pw < 2 * np.sqrt(10)
 
 
-# ---------------------------------------------------------------- SPEC §8.3
+# ----------------------------------------------------------- three classes
 
 
-def test_spec_8_3_numbers():
+def test_three_classes_numbers():
   mats = [A0, A1, A2]
   get = functools.partial(lipjax.bound, mats, exact=True, safety_factor=1.0)
   np.testing.assert_allclose(get(kind="global"), 9.981796, atol=1e-5)
@@ -110,7 +110,7 @@ def test_spec_8_3_numbers():
                              [5.247642, 8.702557, 5.088660], atol=1e-5)
 
 
-def test_spec_8_3_product_norms_and_layer_bounds():
+def test_three_classes_product_norms_and_layer_bounds():
   mats = [A0, A1, A2]
   products = lipjax.required_products(3, method="liplt", kind="global")
   norms = exact_norms(mats, "liplt", "global")
@@ -123,7 +123,7 @@ def test_spec_8_3_product_norms_and_layer_bounds():
                              [2.460505, 5.302344, 9.981796], atol=1e-5)
 
 
-def test_spec_8_1_general_slopes_weights():
+def test_general_slopes_weights():
   # With slopes (alpha, beta) the four terms get weights (a^2, ac, ac, c^2).
   alpha, beta = -0.5, 2.0
   a, c = (alpha + beta) / 2, (beta - alpha) / 2

@@ -37,7 +37,7 @@ from lipjax.training import loop
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# SPEC §8.2: a hand-computable 3-layer ReLU chain.
+# docs/bounds.md#two-classes: a hand-computable 3-layer ReLU chain.
 W0 = np.diag([2.0, 1.0])
 W1 = np.array([[0.0, 1.0], [1.0, 0.0]])
 W2 = np.diag([3.0, 1.0])

@@ -21,8 +21,9 @@ def test_config_is_valid_and_documented(name, variant):
   assert "python train.py --config configs/" in module.__doc__
 
 
-def test_paper_recipes_match_spec_table():
-  # SPEC §6.2, with CIFAR's normalized-unit r0 and eps halved to pixels.
+def test_paper_recipes_match_the_documented_table():
+  # docs/training.md#recipes: CIFAR's normalized-unit r0 and eps halved to
+  # pixels.
   from configs import cifar10, mnist, tiny_imagenet  # pylint: disable=g-import-not-at-top
   m, c, t = mnist.get_config(), cifar10.get_config(), tiny_imagenet.get_config()
   assert (m.model.architecture, m.loss.t, m.loss.lam, m.loss.r0) == (

@@ -5,14 +5,14 @@ these tests pin down:
 
 * reading real Fashion-MNIST (prepared offline in array_record format) and
   TFDS mock data for mnist / cifar10 / cifar100, with the reference's 90/10
-  train/validation split (SPEC §6.1);
+  train/validation split (docs/training.md#data);
 * a missing dataset fails offline with a message that says how to prepare it;
 * batches are a pure function of (seed, epoch, step): processes' slices add up
   to the global batch, a resumed epoch sees the same batches, no example
   repeats, and evaluation covers every example exactly once;
 * the synthetic data is deterministic and learnable;
-* augmentation (SPEC §6.2) is deterministic per key, the identity when
-  disabled, and flips / shifts whole pixels as specified;
+* augmentation (docs/training.md#data) is deterministic per key, the
+  identity when disabled, and flips / shifts whole pixels as specified;
 * the Tiny-ImageNet builder reads the official zip layout without TensorFlow.
 
 Nothing is downloaded.

@@ -2,8 +2,8 @@
 
 Ground truth is the float64 SVD of the materialized operator
 ``dense_matrix(chain, s, e)`` (or of the explicit matrix product for dense
-chains), SPEC §7.6 (c). The chains are tiny and include convolutions that
-expand and shrink the dimension, so that both Gram sides (``P^T P`` and
+chains; docs/certificates.md). The chains are tiny and include convolutions
+that expand and shrink the dimension, so that both Gram sides (``P^T P`` and
 ``P P^T``) are exercised.
 """
 

@@ -74,7 +74,7 @@ def lanczos_numpy(a: np.ndarray, b: np.ndarray, steps: int):
 
 
 def _spectrum(kind: str, n: int, rng) -> np.ndarray:
-  if kind == "clustered":  # The case: 1, then everything at 0.98.
+  if kind == "clustered":  # A hard case: 1, then everything at 0.98.
     return np.concatenate([[1.0], np.full(n - 1, 0.98)])
   if kind == "gap":
     return np.concatenate([[1.0], rng.uniform(0, 0.5, n - 1)])

@@ -4,8 +4,8 @@ Ritz values never exceed the exact norms and converge to them; the batched
 run equals per-product runs; seeds replay bit for bit; the certified norms
 are above dense-SVD norms on dense and conv chains (strides, padding, batch
 norm, input normalization), on clustered spectra and across 24 orders of
-magnitude; non-finite weights raise; and the failures the certificates issue
-listed for the old converged mode are gone.
+magnitude; non-finite weights raise; and the failures of the old converged
+power-iteration mode (a clustered top spectrum) are gone.
 """
 
 import hypothesis
@@ -139,7 +139,7 @@ def _matrix_with_spectrum(singular_values, rng):
 
 
 def test_natural_clustered_spectrum_is_certified():
-  # The issue's failure: top 1, the rest 0.98 (n = 1024). The old converged
+  # The old mode's failure: top 1, the rest 0.98 (n = 1024). The old converged
   # power iteration stopped after 2 steps at 0.980 and its 1.01 factor did
   # not cover the gap; the certified bound must reach 1.
   rng = np.random.default_rng(0)

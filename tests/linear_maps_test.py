@@ -6,7 +6,8 @@ and their transposes, so these tests check that:
 * the adjoint is exact, ``<W v, u> == <v, W^T u>`` in float64, for every conv
   configuration used by the named architectures, for sizes where
   ``H + 2p - k`` is not divisible by the stride (the ``output_padding`` trap
-  of SPEC §7.10), for non-square images, with per-channel input/output scales,
+  of docs/bounds.md#the-network-as-a-chain-of-linear-maps), for non-square
+  images, with per-channel input/output scales,
   and for a dense layer that flattens an image;
 * ``out_shape`` is the shape ``__call__`` really produces;
 * ``dense_matrix`` is the Jacobian of the op (and its transpose that of the

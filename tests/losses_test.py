@@ -1,10 +1,10 @@
 """Tests for lipjax.certification.radii and lipjax.training.losses.
 
-Expected values are worked out by hand in the comments (SPEC §4, §5.2, §5.4,
-§8.2); numpy only evaluates the written-out arithmetic. Gradients are checked
-against finite differences (float64) on smooth points, and for finiteness on
-the edge cases that break naive implementations (empty sets, +inf radii,
-ties, huge temperatures).
+Expected values are worked out by hand in the comments (docs/training.md,
+docs/bounds.md#two-classes); numpy only evaluates the written-out arithmetic.
+Gradients are checked against finite differences (float64) on smooth points,
+and for finiteness on the edge cases that break naive implementations (empty
+sets, +inf radii, ties, huge temperatures).
 """
 
 import functools
@@ -32,7 +32,7 @@ crm_loss = jax.jit(losses.crm_loss,
 gloro_loss = jax.jit(losses.gloro_loss)
 lmt_loss = jax.jit(losses.lmt_loss)
 
-# SPEC §8.2: L_01 = (sqrt(13) + 6 sqrt(10)) / 4 = 5.644804 (LipLT, pairwise).
+# docs/bounds.md#two-classes: L_01 = (sqrt(13) + 6 sqrt(10)) / 4 = 5.644804.
 L01 = (math.sqrt(13.0) + 6.0 * math.sqrt(10.0)) / 4.0
 PAIR_2 = np.array([[0.0, L01], [L01, 0.0]], np.float32)
 
@@ -64,7 +64,7 @@ def ce_by_hand(logits, labels):
 
 
 @pytest.mark.parametrize("jit", [True, False])
-def test_spec_radius_example(jit):
+def test_two_classes_radius_example(jit):
   # R = (2.0 - 0.5) / 5.644804 = 0.265731; certified iff eps < R.
   maybe_jit = jax.jit if jit else (lambda f: f)
   logits, labels = jnp.array([[2.0, 0.5]]), jnp.array([0])
@@ -256,7 +256,7 @@ def test_crm_max_by_hand():
 
 def test_crm_regularize_misclassified_changes_the_set():
   # b=1 joins, relative to its predicted class p=1: radii (1, 0.5):
-  #   softmax: log(e^{-2} + e^{-1}) = -0.686889;  max: e^{-2*0.5} = e^{-1}.
+  #   softmax: log(e^{-2} + e^{-1}) = -0.686738;  max: e^{-2*0.5} = e^{-1}.
   _, aux = crm("softmax", regularize_misclassified=True)
   np.testing.assert_allclose(
       aux["robust_term"], (lse(-2.0, -1.5) + lse(-2.0, -1.0)) / 6.0,
@@ -421,7 +421,8 @@ def test_crm_edge_case_values():
 
 
 def test_crm_softmax_bounds_the_min_radius():
-  # -min R <= LSE(-t R)/t <= -min R + log(K - 1)/t (SPEC §5.2), per example.
+  # -min R <= LSE(-t R)/t <= -min R + log(K - 1)/t per example
+  # (docs/training.md#crm-loss).
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(1, 6)), jnp.float32)
   labels = jnp.argmax(logits, axis=1)

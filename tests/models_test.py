@@ -3,7 +3,8 @@
 The bounds are only meaningful for the network that is really trained and
 evaluated, so these tests pin down the network itself:
 
-* the named architectures of SPEC §1.2 have the right layers, kernel shapes
+* the named architectures (docs/bounds.md#architectures) have the right
+  layers, kernel shapes
   (dense input sizes 3136, 1024, 9216) and output shapes on their datasets;
 * weights and biases use PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   initialization and are reproducible from the seed;
@@ -101,7 +102,7 @@ def test_named_architecture_layers_and_output(name):
   assert float(jnp.abs(logits[0] - logits[1]).max()) > 1e-6
 
 
-def test_weight_layer_counts_match_spec_table():
+def test_weight_layer_counts_match_the_documented_table():
   counts = {name: len(_KERNEL_SHAPES[name]) for name in _KERNEL_SHAPES}
   assert counts == {"3F": 3, "2C2F": 4, "4C3F": 7, "6C2F": 8, "8C2F": 10}
   for name, expected in counts.items():

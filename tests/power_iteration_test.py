@@ -3,7 +3,7 @@
 Ground truth is the float64 SVD of the materialized product
 ``dense_matrix(chain, s, e)`` and, for the batching, a plain numpy
 per-product power iteration from the state's own initial vectors
-(SPEC §3.5, §3.6, §7.6, §8.4 items 4 and 6). The chains are tiny so that
+(docs/bounds.md#power-iteration-training). The chains are tiny so that
 every file runs in seconds on a CPU.
 """
 
@@ -120,7 +120,7 @@ def test_init_groups_unit_rows_by_start(chain_name, set_name):
 
 
 def test_init_liplt_group_sizes():
-  # SPEC §3.6: start s holds N' - s rows for the LipLT product set.
+  # Start s holds N' - s rows for the LipLT product set (one per end e >= s).
   state = power_iteration.init(_chain("dense"), _liplt(4), _key())
   assert [g.shape for g in state.vectors] == [(4, 5), (3, 7), (2, 6), (1, 4)]
 

@@ -2,7 +2,8 @@
 
 Nothing here uses lipjax's power iteration or recursion: norms come from
 ``np.linalg.norm(M, 2)`` of explicitly multiplied matrices and LipLT from the
-partition closed form of SPEC §3.2, so agreement with lipjax is a real check.
+partition closed form of docs/bounds.md#closed-form, so agreement with lipjax
+is a real check.
 """
 
 import itertools
@@ -23,7 +24,7 @@ def chain_product(mats, start, end):
 
 
 def liplt_closed_form(mats, slopes=(0.0, 1.0)) -> float:
-  """Sum over cut sets S of c^|S| |a|^(k-|S|) prod_blocks ||M_B|| (SPEC §3.2).
+  """Sum over cut sets S of c^|S| |a|^(k-|S|) prod_blocks ||M_B||.
 
   Args:
     mats: ``M_0 .. M_k`` (the last may be a single row ``c^T W_{N-1}``).

@@ -1,4 +1,4 @@
-"""Tests for lipjax.training.schedules against the SPEC §6.1/§6.2 numbers.
+"""Tests for lipjax.training.schedules against the documented recipe numbers.
 
 ``exponential_with_stopping`` is compared with the reference formula
 ``eta(n) = eta0 * gamma ** clip(n - S + 1, 0, E - S)`` evaluated in float64,
@@ -15,7 +15,7 @@ import pytest
 
 from lipjax.training import schedules
 
-# (eta0, eta_min, S, E, gamma from SPEC §6.2)
+# (eta0, eta_min, S, E, gamma from docs/training.md#learning-rate)
 RECIPES = {
     "mnist": (1e-3, 1e-6, 25, 400, 0.981748),
     "cifar10": (1e-3, 1e-6, 200, 400, 0.966051),
@@ -42,7 +42,8 @@ def test_exponential_gamma_and_boundaries(name):
   eta0, eta_min, start, total, gamma = RECIPES[name]
   lr = jax.jit(make(name))
   at_epoch = lambda n: float(lr(n * STEPS))
-  # The decay factor between consecutive decaying epochs is SPEC's gamma.
+  # The decay factor between consecutive decaying epochs is the documented
+  # gamma.
   np.testing.assert_allclose(at_epoch(start) / at_epoch(start - 1), gamma,
                              atol=1e-6)
   np.testing.assert_allclose(at_epoch(start + 50) / at_epoch(start + 49),
@@ -185,8 +186,8 @@ def test_epoch_schedule_recipes():
   assert float(gloro((E0 + E) // 2)) == pytest.approx(1.55, rel=1e-6)
   assert float(gloro(E)) == pytest.approx(3.0, rel=1e-6)
   assert float(gloro(E + 50)) == pytest.approx(3.0, rel=1e-6)  # frozen
-  # LMT: 1e-3 * 1.03^k; 1.03^257 = 1995.5 < 2000 <= 1.03^258, so mu first
-  # hits the cap 2 at k = 258 (SPEC: "after ~257 epochs").
+  # LMT: 1e-3 * 1.03^k; 1.03^257 = 1991.4 < 2000 <= 1.03^258 = 2051.2, so mu
+  # first hits the cap 2 at k = 258 (docs/training.md#lmt).
   lmt = schedules.epoch_schedule(**CASES["lmt_growth"])
   assert float(lmt(E0)) == pytest.approx(1e-3)
   assert float(lmt(E0 + 1)) == pytest.approx(1.03e-3, rel=1e-6)

@@ -3,7 +3,8 @@
 Each mistake is made as a user makes it, through a subprocess on the smoke
 config (synthetic 8x8 data), and must be refused before the workdir exists:
 an unknown or mistyped key, a mistyped config path, a bad variant, values
-that could only fail later, a missing dataset.
+that could only fail later, a missing dataset, --checkpoint before any run.
+(tests/resume_test.py checks the refusals of a resume.)
 """
 
 import os
@@ -22,7 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/smoke.py"
 
 
-def _train_py(*args, env=None):
+def run_train_py(*args, env=None):
+  """``python train.py ARGS`` on one CPU device; the CompletedProcess."""
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env or {}))
   return subprocess.run([sys.executable, "train.py", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300,
@@ -30,7 +32,7 @@ def _train_py(*args, env=None):
 
 
 def test_help_explains_configs_variants_and_overrides():
-  result = _train_py("--help")
+  result = run_train_py("--help")
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert "--config FILE[:VARIANT]" in out and "--config.KEY=VALUE" in out
@@ -68,6 +70,8 @@ MISTAKES = {
                  "config.loss.t = 0.0 must be a finite number > 0"),
     "not a number": ([SMOKE, "--config.loss.t=abc"], "--config.loss.t=abc"),
     "positional argument": ([SMOKE, "extra"], "unexpected argument"),
+    "--checkpoint, no run yet": ([SMOKE, "--checkpoint=4"],
+                                 "holds no checkpoints (saved steps: none)"),
 }
 
 
@@ -75,7 +79,7 @@ MISTAKES = {
 def test_mistakes_exit_2_with_one_line_and_no_workdir(mistake, tmp_path):
   args, match = MISTAKES[mistake]
   workdir = tmp_path / "run"
-  result = _train_py(f"--workdir={workdir}", *args)
+  result = run_train_py(f"--workdir={workdir}", *args)
   assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("train.py: error: "), (
@@ -85,7 +89,7 @@ def test_mistakes_exit_2_with_one_line_and_no_workdir(mistake, tmp_path):
 
 
 def test_missing_flags_exit_2():
-  result = _train_py()
+  result = run_train_py()
   assert result.returncode == 2
   assert result.stderr.strip() == ("train.py: error: --config is required. "
                                    "--workdir is required. (see train.py "
@@ -97,7 +101,7 @@ def test_missing_dataset_names_the_folder_and_leaves_no_workdir(tmp_path):
   # needs, is not installed here: the message must still name the folder.
   empty = tmp_path / "no_data"
   workdir = tmp_path / "run"
-  result = _train_py("--config=configs/fashion_mnist.py:quick",
+  result = run_train_py("--config=configs/fashion_mnist.py:quick",
                      f"--config.data.data_dir={empty}",
                      f"--workdir={workdir}", env={"TFDS_DATA_DIR": "/x/y"})
   assert result.returncode == 2, result.stderr

@@ -7,7 +7,9 @@
 #   TFDS_DATA_DIR=../shared/tensorflow_datasets experiments/fashion_mnist/results.sh [OUTDIR] [LOSS ...]
 #
 # LOSS is any of crm gloro ce (default: all three, one after the other; on a
-# 2-core CPU each takes 30-55 min). Training resumes from the workdir's last
+# 2-core CPU each takes 30-55 min). TRAIN_ARGS and CERTIFY_ARGS (environment)
+# add flags to every train.py / certify.py call, e.g. a smoke test:
+#   TRAIN_ARGS=--config.num_epochs=1 CERTIFY_ARGS=--num_examples=64 results.sh /tmp/r crm Training resumes from the workdir's last
 # checkpoint if interrupted; a finished run is not retrained, only
 # re-certified. The table is printed by
 #   python -m experiments.fashion_mnist.summarize results OUTDIR
@@ -31,7 +33,8 @@ for loss in "${losses[@]}"; do
   else
     echo "$loss: training configs/fashion_mnist.py:$variant (log in $workdir.train.log)"
     "$python" train.py --config "configs/fashion_mnist.py:$variant" \
-      --workdir "$workdir" --config.progress=False > "$workdir.train.log" 2>&1
+      --workdir "$workdir" --config.progress=False ${TRAIN_ARGS:-} \
+      > "$workdir.train.log" 2>&1
   fi
   echo "$loss: certifying (log in $workdir.certify.log)"
   # Exact float64 Gram norms where one Gram matrix fits in 0.5 GiB, float64
@@ -39,6 +42,7 @@ for loss in "${losses[@]}"; do
   # 12544-wide 4C3F Gram would take ~9 min on 2 cores); certify.json lists
   # the source of every norm and the guarantee.
   "$python" certify.py --workdir "$workdir" --eps 0.1,0.25,0.5,1.0 \
-    --max_exact_gib 0.5 --progress=False > "$workdir.certify.log" 2>&1
+    --max_exact_gib 0.5 --progress=False ${CERTIFY_ARGS:-} \
+    > "$workdir.certify.log" 2>&1
 done
 "$python" -m experiments.fashion_mnist.summarize results "$out"

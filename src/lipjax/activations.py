@@ -2,8 +2,8 @@
 
 An activation phi is *slope-restricted* on [alpha, beta] when
 alpha <= (phi(u) - phi(w)) / (u - w) <= beta for all u != w. The LipLT bound
-(SPEC §3.1) only needs (alpha, beta); the naive bound needs the Lipschitz
-constant max(|alpha|, |beta|).
+(docs/bounds.md#splitting-the-activation) only needs (alpha, beta); the naive
+bound needs the Lipschitz constant max(|alpha|, |beta|).
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def check_slopes(slopes) -> tuple[float, float]:
 
 
 def loop_transformation(slopes) -> tuple[float, float]:
-  """Splits phi = a*id + c*psi with psi 1-Lipschitz (SPEC §3.1).
+  """Splits phi = a*id + c*psi with psi 1-Lipschitz.
+
+  See docs/bounds.md#splitting-the-activation.
 
   Returns:
     (a, c) = ((alpha + beta) / 2, (beta - alpha) / 2).

@@ -1,4 +1,4 @@
-"""Naive and LipLT Lipschitz bounds from product norms (SPEC §2, §3).
+"""Naive and LipLT Lipschitz bounds from product norms (docs/bounds.md).
 
 The functions here are pure and jit-able. They take a
 :class:`~lipjax.linear_maps.LinearChain` and the norms of the products that
@@ -12,12 +12,14 @@ or computed by :mod:`lipjax.exact`), and return
 
 Every norm that involves the last layer contracted with a class vector
 ``e_i`` or ``c_ij = e_i - e_j`` is exact: those rows are pushed back through
-the adjoints and their 2-norms taken (SPEC §2.3). The bounds are sound when
-the product norms are upper bounds of the true norms.
+the adjoints and their 2-norms taken (docs/bounds.md#pairwise-last-step).
+The bounds are sound when the product norms are upper bounds of the true
+norms.
 
 References:
   Fazlyab et al., Certified Robustness via Dynamic Margin Maximization and
-  Improved Lipschitz Regularization, NeurIPS 2023 (LipLT recursion, SPEC §3.2).
+  Improved Lipschitz Regularization, NeurIPS 2023 (LipLT recursion,
+  docs/bounds.md#the-recursion).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def required_products(num_layers: int, *, method: str,
 
 def liplt_layer_bounds(norms: jax.Array, products, slopes,
                        count: int) -> list[jax.Array]:
-  """The LipLT recursion ``m_0, ..., m_{count-1}`` (SPEC §3.2).
+  """The LipLT recursion ``m_0, ..., m_{count-1}``.
+
+  See docs/bounds.md#the-recursion.
 
   ``m_k = |a|^k ||W_k..W_0|| + c sum_{j<k} |a|^(k-1-j) ||W_k..W_{j+1}|| m_j``
   bounds the Lipschitz constant from the input to the k-th weight layer's
@@ -146,7 +150,9 @@ def _assemble(values: jax.Array, kind: str, num_classes: int,
 
 def naive_bound(chain: LinearChain, norms: jax.Array, *, kind: str,
                 diagonal: float = 0.0) -> jax.Array:
-  """Product-of-norms bound (SPEC §2.2), generalized to slopes [alpha, beta].
+  """Product-of-norms bound, generalized to slopes [alpha, beta].
+
+  See docs/bounds.md#the-naive-bound.
 
   Args:
     chain: the network (N layers).
@@ -172,7 +178,7 @@ def liplt_bound(chain: LinearChain, norms: jax.Array, *, kind: str,
                 diagonal: float = 0.0,
                 large_class_threshold: int = DEFAULT_LARGE_CLASS_THRESHOLD
                 ) -> jax.Array:
-  """Loop-transformed bound (SPEC §3.2–§3.3).
+  """Loop-transformed bound (docs/bounds.md#loop-transformed-bound).
 
   For ``kind="pairwise"`` with more than ``large_class_threshold`` classes
   the last step falls back to ``||w_i - w_j|| Lip(phi) m_{N-2}`` (the

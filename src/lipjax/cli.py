@@ -5,10 +5,11 @@ traceback, and a distinct exit status:
 
 * ``OK`` (0): done (``--help`` too);
 * ``VIOLATION`` (1): certify.py's audit broke a certified point; train.py's
-  run stopped on a non-finite loss;
+  run diverged (a non-finite loss or parameters, a wild bound);
 * ``USAGE`` (2): a bad flag, value, config, path or dataset, reported before
   any work and before anything is written;
-* ``FAILURE`` (3): anything else, e.g. results that cannot be written.
+* ``FAILURE`` (3): anything else, e.g. results that cannot be written or a
+  checkpoint to restore that is corrupt.
 
 absl's own handling would exit 1 for ``--help`` and for a bad flag (with
 several lines), which a script could not tell from a soundness violation.

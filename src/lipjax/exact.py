@@ -5,8 +5,8 @@ side (``P^T P`` if ``n <= m``, else ``P P^T``) is materialized column by
 column by pushing basis vectors through the map and its adjoint (vmapped, in
 chunks), in float64, and ``||P|| = sqrt(lambda_max)`` comes from
 ``numpy.linalg.eigvalsh``. This is the ground truth for tests and the sound
-norm for certification where it fits in memory (SPEC §7.6): memory grows as
-``8 d^2`` bytes with ``d = min(n, m)``.
+norm for certification where it fits in memory (docs/certificates.md):
+memory grows as ``8 d^2`` bytes with ``d = min(n, m)``.
 """
 
 from __future__ import annotations

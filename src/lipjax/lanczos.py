@@ -23,12 +23,14 @@ holding with a stated probability.
   scale, the Krylov space is invariant; that product's later basis vectors are
   zero and ``T_m`` decouples, which leaves its largest eigenvalue unchanged.
 
-Steps run as jitted chunks of :data:`CHUNK` unrolled steps driven from the
-host (XLA:CPU runs convolutions inside while-loop bodies several times
-slower); after each chunk a ``done`` callback may stop the run (the
-certificate of :mod:`lipjax.guarantee` holds at every step at once, so the
-stopping rule may look at the data). The stored bases start with room for
-``4 * CHUNK`` steps and double when full.
+Steps are jitted :data:`STEPS_PER_CALL` at a time (unrolled) and driven
+from the host: XLA:CPU runs convolutions inside while-loop bodies several
+times slower, and compiling one step is several times faster than compiling
+an unrolled chunk. After every :data:`CHUNK` steps a ``done`` callback may
+stop the run (the certificate of :mod:`lipjax.guarantee` holds at every step
+at once, so the stopping rule may look at the data). The stored bases have
+room for ``max_steps`` from the start (the step compiles once); the
+reorthogonalization reads only their filled blocks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ from lipjax.progress import progress_bar
 
 Product = tuple[int, int]
 
+# Steps between two stopping checks (each check reads the coefficients back).
 CHUNK = 8
+# Steps per compiled call; divides CHUNK.
+STEPS_PER_CALL = 1
+# Rows per block of the stored basis read by the reorthogonalization.
+BLOCK = 32
 BREAKDOWN = 1e-12
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -127,40 +134,68 @@ def _scaled_row_norms(x: jax.Array) -> jax.Array:
   return jnp.where(scale > 0, scale * inner, 0.0)
 
 
-def _rows(x, shape):
-  return x.reshape((-1,) + (1,) * (len(shape) - 1))
+def _reorthogonalize(w, basis, filled):
+  """``w - Q (Q^T w)`` per product, against the first ``filled`` vectors.
 
+  Classical Gram-Schmidt, block by block: only the blocks of
+  :data:`BLOCK` rows that hold a stored vector are read, so a basis
+  allocated for ``max_steps`` costs what its filled part costs (and the
+  step compiles once, whatever the Krylov dimension).
 
-def _reorthogonalize(w, basis):
-  """``w - Q (Q^T w)`` per row, against every stored vector (zeros too)."""
-  coef = jnp.einsum("mc...,c...->mc", basis, w)
-  return w - jnp.einsum("mc,mc...->c...", coef, basis)
+  Args:
+    w: ``[c, d]``, one vector per product.
+    basis: ``[c, rows, d]``, ``rows`` a multiple of :data:`BLOCK`;
+      product-major, so that both contractions are batched matrix products
+      without a transpose of the basis (stored step-major, XLA:CPU copied
+      the whole basis four times a step).
+    filled: the number of stored vectors (rows past it are zero).
+  """
+  def correction(k, total):
+    block = jax.lax.dynamic_slice_in_dim(basis, k * BLOCK, BLOCK, axis=1)
+    coef = jnp.einsum("cmd,cd->cm", block, w)
+    return total + jnp.einsum("cm,cmd->cd", coef, block)
+
+  blocks = (filled + BLOCK - 1) // BLOCK
+  return w - jax.lax.fori_loop(0, blocks, correction, jnp.zeros_like(w))
 
 
 def _step(chain, products, carry, j):
-  """One Lanczos step ``j`` (0-based) for every product at once."""
+  """One Lanczos step ``j`` (0-based) for every product at once.
+
+  ``carry`` holds, per group of products sharing a start layer, the basis
+  ``[c, rows + 1, d]`` (flattened vectors), ``alpha`` and ``beta``
+  ``[rows, c]`` and the running scale ``[c]``.
+  """
   basis, alpha, beta, scale = carry
-  q = tuple(jax.lax.dynamic_index_in_dim(b, j, keepdims=False)
+  shapes = [tuple(chain.ops[s].in_shape)
+            for s in power_iteration._starts(products)]  # pylint: disable=protected-access
+  q = tuple(jax.lax.dynamic_index_in_dim(b, j, axis=1, keepdims=False)
             for b in basis)
   q_prev = tuple(jax.lax.dynamic_index_in_dim(b, jnp.maximum(j - 1, 0),
-                                              keepdims=False) for b in basis)
+                                              axis=1, keepdims=False)
+                 for b in basis)
   aq = power_iteration._adjoint(  # pylint: disable=protected-access
       chain, products,
-      power_iteration._forward(chain, products, q))  # pylint: disable=protected-access
+      power_iteration._forward(  # pylint: disable=protected-access
+          chain, products,
+          tuple(v.reshape((-1,) + shape) for v, shape in zip(q, shapes))))
   new_basis, new_alpha, new_beta, new_scale = [], [], [], []
   for g, (b, w, qj, qp) in enumerate(zip(basis, aq, q, q_prev)):
-    a = jnp.sum((qj * w).reshape(qj.shape[0], -1), axis=1)
+    w = w.reshape(qj.shape)
+    a = jnp.sum(qj * w, axis=1)
     b_prev = jnp.where(j > 0, jax.lax.dynamic_index_in_dim(
         beta[g], jnp.maximum(j - 1, 0), keepdims=False), 0.0)
-    w = w - _rows(a, w.shape) * qj - _rows(b_prev, w.shape) * qp
-    w = _reorthogonalize(_reorthogonalize(w, b), b)  # Twice is enough.
+    w = w - a[:, None] * qj - b_prev[:, None] * qp
+    # Twice is enough; rows 0..j hold vectors.
+    w = _reorthogonalize(_reorthogonalize(w, b, j + 1), b, j + 1)
     b_j = _scaled_row_norms(w)
     s = jnp.maximum(scale[g], jnp.abs(a) + b_j)
     # Once broken down (here or before: q_j = 0), the next vector is 0.
     alive = (b_j > BREAKDOWN * s) & (jnp.abs(a) + b_j > 0)
-    q_next = jnp.where(_rows(alive, w.shape),
-                       w / _rows(jnp.where(alive, b_j, 1.0), w.shape), 0.0)
-    new_basis.append(jax.lax.dynamic_update_index_in_dim(b, q_next, j + 1, 0))
+    q_next = jnp.where(alive[:, None],
+                       w / jnp.where(alive, b_j, 1.0)[:, None], 0.0)
+    new_basis.append(jax.lax.dynamic_update_index_in_dim(
+        b, q_next, j + 1, axis=1))
     new_alpha.append(jax.lax.dynamic_update_index_in_dim(alpha[g], a, j, 0))
     new_beta.append(jax.lax.dynamic_update_index_in_dim(beta[g], b_j, j, 0))
     new_scale.append(s)
@@ -168,13 +203,13 @@ def _step(chain, products, carry, j):
           tuple(new_scale))
 
 
-def _chunk(chain, products, carry, j0):
-  for i in range(CHUNK):
+def _steps(chain, products, carry, j0, count):
+  for i in range(count):
     carry = _step(chain, products, carry, j0 + i)
   return carry
 
 
-_chunk_jit = jax.jit(_chunk, static_argnums=(1,), donate_argnums=(2,))
+_steps_jit = jax.jit(_steps, static_argnums=(1, 4), donate_argnums=(2,))
 
 
 def _start_vectors(chain, products, seed: int) -> tuple[np.ndarray, ...]:
@@ -198,14 +233,17 @@ def _zeros(*shape):
   return jnp.zeros(shape, jnp.float64)
 
 
-def _grow(carry, rows: int):
-  """The carry with room for ``rows`` steps (bases get ``rows + 1``)."""
-  basis, alpha, beta, scale = carry
-  pad = lambda x, n: jnp.concatenate([x, _zeros(n - x.shape[0],
-                                                *x.shape[1:])])
-  return (tuple(pad(b, rows + 1) for b in basis),
-          tuple(pad(a, rows) for a in alpha),
-          tuple(pad(b, rows) for b in beta), scale)
+def _initial_carry(starts, max_steps: int):
+  """Room for ``max_steps`` steps: bases ``[c, rows, d]`` with the start
+  vectors in row 0 (``rows > max_steps``, a multiple of :data:`BLOCK`),
+  ``alpha`` and ``beta`` ``[max_steps, c]``, scales ``[c]``."""
+  rows = -(-(max_steps + 1) // BLOCK) * BLOCK
+  basis = tuple(_zeros(v.shape[0], rows, v[0].size).at[:, 0].set(
+      v.reshape(v.shape[0], -1)) for v in starts)
+  return (basis,
+          tuple(_zeros(max_steps, v.shape[0]) for v in starts),
+          tuple(_zeros(max_steps, v.shape[0]) for v in starts),
+          tuple(_zeros(v.shape[0]) for v in starts))
 
 
 def _by_product(products, groups) -> list[np.ndarray]:
@@ -225,17 +263,12 @@ def _run_batch(chain64, products, *, seed: int, max_steps: int, done, bar):
     ``(alphas, betas)``: per product, float64 ``[m]``.
   """
   starts = _start_vectors(chain64, products, seed)
-  rows = min(4 * CHUNK, max_steps)
-  carry = _grow((tuple(jnp.asarray(v)[None] for v in starts),
-                 tuple(_zeros(0, v.shape[0]) for v in starts),
-                 tuple(_zeros(0, v.shape[0]) for v in starts),
-                 tuple(_zeros(v.shape[0]) for v in starts)), rows)
+  carry = _initial_carry(starts, max_steps)
   steps = 0
   while steps < max_steps:
-    if steps + CHUNK > rows:  # Double the room (one compile per size).
-      rows = min(2 * rows, max_steps)
-      carry = _grow(carry, rows)
-    carry = _chunk_jit(chain64, products, carry, jnp.asarray(steps))
+    for j in range(steps, steps + CHUNK, STEPS_PER_CALL):
+      carry = _steps_jit(chain64, products, carry, jnp.asarray(j),
+                         STEPS_PER_CALL)
     steps += CHUNK
     bar.update(CHUNK)
     alphas = _by_product(products,

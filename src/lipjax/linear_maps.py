@@ -7,7 +7,8 @@ first layer, so that Lipschitz constants are in pixel units, and an eval-mode
 batch-norm scale ``gamma / sqrt(var + eps)`` after a conv). Flatten is folded
 into the first dense layer. The adjoint ``W_k^T`` comes from
 ``jax.linear_transpose``, which is exact for any stride and padding (no
-``output_padding`` trap, SPEC §7.10).
+``output_padding`` trap; see
+docs/bounds.md#the-network-as-a-chain-of-linear-maps).
 
 A :class:`LinearChain` is the list of ops plus the activation's slope interval:
 everything a bound needs. It is a pytree (weights are leaves, shapes and
@@ -31,6 +32,34 @@ _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 def _static(**kwargs):
   return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+def _conv_by_patches(x, weight, strides, padding):
+  """The conv of :class:`LinearOp` as strided slices and one matrix product.
+
+  The same map as ``lax.conv_general_dilated`` (NHWC, HWIO), for the
+  float64 certification sweeps: XLA:CPU runs some float64 convolutions (the
+  adjoints of strided ones above all) 10-30x slower than this, whose
+  transpose is pads and adds around a matrix product.
+
+  Args:
+    x: ``[batch, H, W, c_in]``.
+    weight: ``[kh, kw, c_in, c_out]``.
+    strides: ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))``.
+
+  Returns:
+    ``[batch, H_out, W_out, c_out]``.
+  """
+  kh, kw, c_in, c_out = weight.shape
+  (sh, sw) = strides
+  x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return patches @ weight.reshape(kh * kw * c_in, c_out)
 
 
 @jax.tree_util.register_dataclass
@@ -93,6 +122,8 @@ class LinearOp:
     weight = self.weight.astype(x.dtype)
     if self.kind == "dense":
       y = x.reshape(x.shape[0], -1) @ weight
+    elif x.dtype == jnp.float64:
+      y = _conv_by_patches(x, weight, self.strides, self.padding)
     else:
       y = jax.lax.conv_general_dilated(
           x, weight, window_strides=self.strides, padding=self.padding,
@@ -245,7 +276,7 @@ def from_model(model) -> LinearChain:
   The input normalization ``(x - mean) / std`` contributes ``diag(1/std)``
   to the first layer (its mean is a bias), so bounds are in pixel units. An
   eval-mode batch norm after a conv contributes ``diag(gamma / sqrt(var +
-  eps))`` (SPEC §1.3).
+  eps))`` (docs/bounds.md#batch-norm).
   """
   # Imported here so linear_maps does not depend on flax for plain chains.
   from lipjax import models  # pylint: disable=import-outside-toplevel

@@ -9,9 +9,9 @@ An architecture is a tuple of layer specs, NHWC throughout:
 
 followed, for every layer but the last, by the model's activation. A flatten
 is inserted before the first dense layer. The named architectures are those of
-the reference code (SPEC §1.2); dense input sizes are derived from the input
-shape, and a shape that does not fit (a spatial size that shrinks below 1)
-raises an error naming the layer.
+the reference code (docs/bounds.md#architectures); dense input sizes are
+derived from the input shape, and a shape that does not fit (a spatial size
+that shrinks below 1) raises an error naming the layer.
 
 The model holds a fixed input normalization ``(x - mean) / std`` per channel,
 so that it takes raw ``[0, 1]`` pixels and Lipschitz bounds are in pixel
@@ -54,7 +54,7 @@ ARCHITECTURES = {
 
 
 def _torch_default_init(fan_in: int):
-  """PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (SPEC §1.2)."""
+  """PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (docs/bounds.md)."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key, shape, dtype=jnp.float32):

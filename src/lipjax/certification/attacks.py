@@ -1,8 +1,9 @@
 """L2 projected gradient descent (PGD) attacks inside the [0, 1] pixel box.
 
 :func:`pgd_l2` is the standard L2 PGD of Madry et al. (not the reference
-code's sign-gradient attack that rescales onto the sphere, SPEC §6.4): each
-step moves along the normalized gradient of a loss and projects the
+code's sign-gradient attack that rescales onto the sphere; see
+docs/reference_code.md#attack): each step moves along the normalized gradient
+of a loss and projects the
 perturbation onto the feasible set
 
   ``{delta : ||delta||_2 <= eps, lo <= x + delta <= hi}``  (ball ∩ box).

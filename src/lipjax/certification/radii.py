@@ -3,7 +3,7 @@
 For logits ``z = f(x)``, a reference class ``p`` and pairwise bounds
 ``L_pi >= Lip(f_p - f_i)``, the margin ``z_p - z_i`` can shrink by at most
 ``L_pi ||delta||`` under a perturbation ``delta``, so the prediction ``p`` is
-constant on the open ball of radius (SPEC §4)::
+constant on the open ball of radius (docs/training.md#certified-radius)::
 
   R_p(x) = min_{i != p} (z_p - z_i) / L_pi.
 
@@ -26,7 +26,8 @@ point is never certified), and so is an accuracy over an empty batch.
 
 References:
   Fazlyab et al., Certified Robustness via Dynamic Margin Maximization and
-  Improved Lipschitz Regularization, NeurIPS 2023 (SPEC §2.1, §4).
+  Improved Lipschitz Regularization, NeurIPS 2023
+  (docs/bounds.md#what-is-bounded, docs/training.md#certified-radius).
 """
 
 from __future__ import annotations

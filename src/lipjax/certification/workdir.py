@@ -66,7 +66,9 @@ def restore(workdir: str, *, checkpoint: int | None = None,
 
   The abstract state is built exactly as training builds it, so a
   checkpoint that does not match its config.json fails with
-  :class:`lipjax.training.checkpoints.IncompatibleCheckpointError`. Nothing is
+  :class:`lipjax.training.checkpoints.IncompatibleCheckpointError`, and one
+  whose files are unreadable or fail their checksums with
+  :class:`lipjax.training.checkpoints.CorruptCheckpointError`. Nothing is
   written to the workdir.
 
   Args:
@@ -114,7 +116,13 @@ def restore(workdir: str, *, checkpoint: int | None = None,
     replicated = parallel.replicated(parallel.make_mesh())
     abstract = checkpoints.abstract_like(jax.eval_shape(init_fn),
                                            replicated)
-    state = checkpointer.restore(abstract, step)
+    try:
+      state = checkpointer.restore(abstract, step)
+    except checkpoints.CorruptCheckpointError as error:
+      others = ", ".join(str(s) for s in sorted(saved_steps) if s != step)
+      raise checkpoints.CorruptCheckpointError(
+          f"{error} Nothing was certified; certify another step with "
+          f"--checkpoint (saved: {others or 'none'}).") from error
   finally:
     checkpointer.close()
   graphdef = steps.make_graphdef(config, input_shape=input_shape,

@@ -1,4 +1,4 @@
-"""On-device image augmentation with explicit keys (SPEC §6.2).
+"""On-device image augmentation with explicit keys (docs/training.md#data).
 
 Pure, jit-able functions of a ``jax.random.key``: the training step folds the
 step number into its key, so a resumed run augments exactly as an
@@ -18,7 +18,7 @@ def to_float(images_uint8) -> jax.Array:
 
 def augment(key, images: jax.Array, *, hflip: bool, rotation_degrees: float,
             translate: float) -> jax.Array:
-  """Random flip and affine transform, one draw per example (SPEC §6.2).
+  """Random flip and affine transform, one draw per example.
 
   As torchvision's ``RandomHorizontalFlip()`` then ``RandomAffine(degrees,
   translate=(t, t))`` with nearest sampling and fill 0: the angle is uniform

@@ -2,24 +2,43 @@
 
 A :class:`Checkpointer` wraps an Orbax ``CheckpointManager`` under
 ``workdir/checkpoints``: it saves every ``every_steps`` steps (and when
-forced, at the end), keeps the latest ``keep``, and restores the latest step
-into an abstract target of the right shapes and shardings. A checkpoint that
-cannot be read into that target raises :class:`IncompatibleCheckpointError`
-and nothing on disk is touched.
+forced, at the end), keeps the latest ``keep``, and restores a step into an
+abstract target of the right shapes and shardings. Each checkpoint holds two
+Orbax items: ``default`` (the state) and ``integrity`` (its checksums, see
+:mod:`lipjax.training.checkpoint_integrity`), verified on every restore.
+
+A checkpoint written for another state raises
+:class:`IncompatibleCheckpointError`; one whose files are unreadable or fail
+their checksums raises :class:`CorruptCheckpointError`. Restoring never
+changes anything on disk; :meth:`Checkpointer.set_aside` moves a checkpoint
+out of the way (it never deletes one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from lipjax.training import checkpoint_integrity as integrity
+
+CorruptCheckpointError = integrity.CorruptCheckpointError
+_STATE, _CHECKSUMS = "default", "integrity"  # Orbax item names
+SET_ASIDE = "checkpoints_set_aside"  # beside checkpoints/, in the workdir
 
 
 class IncompatibleCheckpointError(RuntimeError):
   """The checkpoint on disk does not match the state this config builds."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """No checkpoint at all, or not for the step asked for."""
 
 
 class Checkpointer:
@@ -38,7 +57,8 @@ class Checkpointer:
         save_decision_policy=policies.FixedIntervalPolicy(every_steps),
         preservation_policy=policies.LatestN(keep),
         create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(_STATE, _CHECKSUMS))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -51,37 +71,107 @@ class Checkpointer:
     return self._manager.should_save(int(step))
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Saves if the policy (or ``force``) says so; returns whether it did."""
-    return self._manager.save(int(step), args=ocp.args.StandardSave(state),
-                              force=force)
+    """Saves if the policy (or ``force``) says so; returns whether it did.
+
+    The state's checksums are computed here, from the arrays being saved,
+    and committed in the same checkpoint.
+    """
+    if not (force or self.should_save(step)):
+      return False
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _CHECKSUMS: ocp.args.JsonSave(integrity.checksums(state))})
+    return self._manager.save(int(step), args=args, force=force)
+
+  def step_dir(self, step: int) -> str:
+    return str(self.directory / str(int(step)))
 
   def restore(self, abstract_state, step: int | None = None):
-    """Restores ``step`` (default latest) into ``abstract_state``'s structure.
+    """Restores and verifies ``step`` (default latest) into ``abstract_state``.
 
     Args:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` with shardings.
       step: which step; the latest if None.
 
     Raises:
-      FileNotFoundError: no checkpoint (or not that step).
-      IncompatibleCheckpointError: it exists but does not fit the target.
+      CheckpointNotFoundError: no checkpoint (or not that step).
+      IncompatibleCheckpointError: it exists but holds another state.
+      CorruptCheckpointError: its files are unreadable or the restored
+        arrays do not match the checksums saved with them.
     """
     step = self.latest_step() if step is None else int(step)
     if step is None or step not in self.all_steps():
-      raise FileNotFoundError(
+      raise CheckpointNotFoundError(
           f"No checkpoint{'' if step is None else f' for step {step}'} in "
-          f"{self.directory} (available: {self.all_steps()}).")
+          f"{self.directory} (saved steps: {self.all_steps() or 'none'}).")
+    saved = self._read_checksums(step)
+    if saved is not None:
+      difference = integrity.first_structure_difference(saved, abstract_state)
+      if difference:
+        raise self._incompatible(step, difference)
     try:
-      return self._manager.restore(
-          step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as error:  # Orbax raises many types for a bad tree.
-      raise IncompatibleCheckpointError(
-          f"The checkpoint {self.directory / str(step)} cannot be restored "
-          f"into the state this config builds ({type(error).__name__}: "
-          f"{error}). It was probably written with another architecture, "
-          "dataset or bound setting: use the config.json saved in the same "
-          "workdir, or a new --workdir. Nothing was changed on disk."
-      ) from error
+      with _unraisable_dropped():
+        state = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+    except Exception as error:  # Orbax and TensorStore raise many types.
+      if saved is None:  # Written before checksums: the tree is unchecked.
+        raise self._incompatible(
+            step, integrity.first_line(error)) from error
+      raise self._unreadable(step, error) from error
+    if saved is not None:
+      integrity.verify(saved, state, step=step, step_dir=self.step_dir(step))
+    return state
+
+  def _read_checksums(self, step: int) -> dict | None:
+    """The checksum table of ``step``; None for a checkpoint without one."""
+    if not (self.directory / str(step) / _CHECKSUMS).exists():
+      return None
+    try:
+      saved = self._manager.restore(step, args=ocp.args.Composite(**{
+          _CHECKSUMS: ocp.args.JsonRestore()}))[_CHECKSUMS]
+      if not isinstance(saved, dict) or "leaves" not in saved:
+        raise ValueError(f"not a checksum table: {str(saved)[:80]}")
+    except Exception as error:  # A corrupt JSON file raises many types.
+      raise self._unreadable(step, error) from error
+    return saved
+
+  def _unreadable(self, step: int, error: Exception) -> CorruptCheckpointError:
+    where = integrity.culprit(error, self.step_dir(step))
+    return CorruptCheckpointError(
+        f"Checkpoint step {step} is unreadable ({where}): "
+        f"{integrity.first_line(error)}")
+
+  def _incompatible(self, step: int, why: str) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(
+        f"The checkpoint {self.step_dir(step)} cannot be restored into the "
+        f"state this config builds: {why}. It was probably written with "
+        "another architecture, dataset or bound setting: use the config.json "
+        "saved in the same workdir, or a new --workdir. Nothing was changed "
+        "on disk.")
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves checkpoint ``step`` to ``workdir/checkpoints_set_aside``.
+
+    Nothing is deleted: the folder is renamed to ``<step>.<reason>`` there
+    (with a counter if that name is taken), so that training can save that
+    step again. Process 0 moves it; every process then rereads the steps.
+
+    Returns:
+      The new path.
+    """
+    folder = self.directory.parent / SET_ASIDE
+    target = folder / f"{step}.{reason}"
+    count = 1
+    while target.exists():
+      count += 1
+      target = folder / f"{step}.{reason}.{count}"
+    if jax.process_index() == 0:
+      folder.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lipjax set aside {step}")
+    self._manager.reload()
+    return str(target)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -95,6 +185,22 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+@contextlib.contextmanager
+def _unraisable_dropped():
+  """Silences "Exception ignored in" reports while restoring.
+
+  When arrays of a checkpoint cannot be read, Orbax raises the first error
+  and Python reports each other failed read coroutine with a 60-line
+  TensorStore spec; the raised error already says what is wrong.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 def abstract_like(tree, sharding):

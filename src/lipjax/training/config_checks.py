@@ -105,6 +105,10 @@ RANGES = {
     "eval.every_epochs": _COUNT, "eval.batch_size": _COUNT,
     "eval.power_iterations": _range(0, integer=True),
     "checkpoint.every_steps": _COUNT, "checkpoint.keep": _COUNT,
+    # The divergence guard: a growth factor <= 1 would stop a healthy run
+    # at its first step whose bound grows at all.
+    "checkpoint.max_lipschitz": _POSITIVE,
+    "checkpoint.max_lipschitz_growth": _range(1, above=True),
 }
 
 

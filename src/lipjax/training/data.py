@@ -4,7 +4,8 @@ Datasets are TFDS datasets prepared in array_record format and read with
 ``tfds.data_source`` (random access, no TensorFlow). Each split is decoded once
 into ``uint8 [N, H, W, C]`` images and ``int32 [N]`` labels; MNIST, CIFAR and
 Tiny-ImageNet all fit in memory. The reference's ``random_split(0.9)`` of the
-official training set gives the train/validation pair (SPEC §6.1).
+official training set gives the train/validation pair
+(docs/training.md#data).
 
 Batching is in :mod:`lipjax.training.batches`, augmentation (on the device,
 with an explicit key) in :mod:`lipjax.training.augment`.
@@ -52,7 +53,7 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     DatasetInfo("cifar10", (32, 32, 3), 10, "cifar10", "train", "test"),
     DatasetInfo("cifar100", (32, 32, 3), 100, "cifar100", "train", "test"),
     # The official test images are unlabelled: test on the 10k labelled
-    # validation images (SPEC §7.14).
+    # validation images (docs/training.md#data).
     DatasetInfo("tiny_imagenet", tiny_imagenet.IMAGE_SHAPE,
                 tiny_imagenet.NUM_CLASSES, "tiny_imagenet", "train",
                 "validation"),
@@ -242,7 +243,7 @@ def _subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
 
 def _split_train(train: Dataset, validation_fraction: float, split_seed: int
                  ) -> tuple[Dataset, Dataset]:
-  """The reference's random_split of the training set (SPEC §6.1)."""
+  """The reference's random_split of the training set (docs/training.md)."""
   num = len(train)
   # Floor, as torch.utils.data.random_split rounds the validation part down.
   num_val = math.floor(num * validation_fraction + 1e-9)

@@ -1,15 +1,18 @@
 """``train_and_evaluate(config, workdir)``: the training loop.
 
 Data-parallel over every device of every process, resumable after
-preemption (a restarted run with the same workdir continues from the latest
-checkpoint and sees exactly the batches it would have seen), with progress
-bars, JSONL metrics, per-epoch validation and a final test evaluation.
+preemption (a restarted run with the same workdir continues from the newest
+intact checkpoint and sees exactly the batches it would have seen; see
+:mod:`lipjax.training.resume`), with progress bars, JSONL metrics, per-epoch
+validation and a final test evaluation. One process at a time trains in a
+workdir (:mod:`lipjax.training.workdir_lock`), and a checkpoint is saved only
+from a healthy step (finite loss and parameters, a sane bound).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable
@@ -27,50 +30,20 @@ from lipjax.training import batches
 from lipjax.training import checkpoints
 from lipjax.training import config_checks
 from lipjax.training import data
+from lipjax.training import health
 from lipjax.training import metrics
 from lipjax.training import parallel
+from lipjax.training import resume
 from lipjax.training import steps
+from lipjax.training import workdir_lock
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss or the parameters stopped being finite."""
-
-
-# Keys that must not change when a run resumes (they change the state's
-# shapes or the meaning of the checkpoint).
-_FIXED_ON_RESUME = ("data.name", "model", "bound.method", "bound.kind",
-                    "seed")
+NonFiniteLossError = health.NonFiniteLossError
 
 
 def _default_config():
   from configs import default  # pylint: disable=import-outside-toplevel
   return default.get_config()
-
-
-def _check_resume_compatible(workdir, config) -> None:
-  saved = checkpoints.read_config(workdir)
-  if saved is None:
-    return
-  current = config.to_dict()
-  for path in _FIXED_ON_RESUME:
-    keys = path.split(".")
-    old, new = saved, current
-    for k in keys:
-      old, new = (old or {}).get(k), (new or {}).get(k)
-    if json_normalize(old) != json_normalize(new):
-      raise ValueError(
-          f"{workdir} holds a run with {path} = {old!r}, but this config has "
-          f"{new!r}. Resume with the same config (see {workdir}/config.json) "
-          "or use a new --workdir. Nothing was changed on disk.")
-
-
-def json_normalize(value):
-  """Tuples and lists compare equal after a JSON round trip."""
-  if isinstance(value, (list, tuple)):
-    return [json_normalize(v) for v in value]
-  if isinstance(value, dict):
-    return {k: json_normalize(v) for k, v in value.items()}
-  return value
 
 
 def _load_data(config):
@@ -118,7 +91,12 @@ def evaluate(config, graphdef, state, dataset, lip, *, eval_step,
 
 @dataclasses.dataclass
 class _Run:
-  """Everything a training run sets up once, before its first step."""
+  """Everything a training run sets up once, before its first step.
+
+  ``kept_records`` are the ``metrics.jsonl`` records kept from before the
+  resume (process 0 only); ``last_good_step`` is the last step the
+  divergence guard found healthy.
+  """
   config: ml_collections.ConfigDict
   workdir: str
   datasets: dict
@@ -130,20 +108,55 @@ class _Run:
   train_step: Callable
   eval_lipschitz: Callable
   eval_step: Callable
+  kept_records: list
+  last_good_step: int = 0
+  last_good_lipschitz: float | None = None
 
 
-def _set_up(config, workdir: str):
-  """Validates, loads data, builds the jitted steps; restores or inits.
+def _lock_workdir(workdir: str):
+  """Process 0 locks the workdir; every process raises if it cannot."""
+  lock, error = None, None
+  if parallel.is_main_process() and "://" not in workdir:
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    locked = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not locked and error is None:
+      error = workdir_lock.WorkdirLockedError(
+          f"Process 0 found {workdir} in use by another train.py.")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _restore_or_init(config, checkpointer, init_fn, replicated, checkpoint):
+  """The requested or newest intact checkpoint's state, else a fresh one."""
+  abstract = checkpoints.abstract_like(jax.eval_shape(init_fn), replicated)
+  state = resume.restore(checkpointer, abstract, step=checkpoint)
+  if state is None:
+    return jax.jit(init_fn, out_shardings=replicated)()
+  log(f"Resuming from checkpoint step {int(state.step)} in "
+      f"{checkpointer.directory}")
+  return state
+
+
+def _set_up(config, workdir: str, checkpoint: int | None,
+            cleanup: contextlib.ExitStack):
+  """Checks, loads data, builds the jitted steps; restores or inits.
+
+  Nothing is written (the workdir is not even created) until the config,
+  the data and the model are known to be good.
 
   Returns:
     ``(run, state)``: the :class:`_Run` and the initial (or restored) train
-    state, replicated over the mesh.
+    state, replicated over the mesh. ``cleanup`` closes the checkpointer
+    and releases the workdir lock.
   """
-  config_checks.validate(config, _default_config())
-  if "://" not in workdir:
-    # Orbax needs absolute paths; users type relative ones.
-    workdir = os.path.abspath(workdir)
-  _check_resume_compatible(workdir, config)
+  # Read-only, so a refused resume costs no data loading.
+  resume.check_config(workdir, config)
+  resume.check_requested_step(workdir, checkpoint)
   parallel.check_global_batch(config.batch_size)
 
   datasets, input_shape, num_classes = _load_data(config)
@@ -165,21 +178,9 @@ def _set_up(config, workdir: str):
                                num_classes=num_classes)
   graphdef = steps.make_graphdef(config, input_shape=input_shape,
                                  num_classes=num_classes)
-  abstract = checkpoints.abstract_like(jax.eval_shape(init_fn), replicated)
-
-  # Only now, once the config, the data and the model are known to be good:
-  # a run refused above leaves no empty workdir behind.
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoints.Checkpointer(
-      workdir, every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract)
-    log(f"Resuming from checkpoint step {int(state.step)} in {workdir}")
-  else:
-    state = jax.jit(init_fn, out_shardings=replicated)()
-  if parallel.is_main_process():
-    checkpoints.write_config(workdir, config.to_json_best_effort(indent=2))
+  checkpointer, state, kept = _open_workdir(
+      config, workdir, checkpoint, cleanup, init_fn=init_fn,
+      replicated=replicated, total_steps=steps_per_epoch * config.num_epochs)
 
   run = _Run(
       config=config, workdir=workdir, datasets=datasets,
@@ -194,38 +195,75 @@ def _set_up(config, workdir: str):
       eval_lipschitz=jax.jit(steps.make_eval_lipschitz(config, graphdef),
                              out_shardings=replicated),
       eval_step=jax.jit(steps.make_eval_step(config, graphdef),
-                        out_shardings=replicated))
+                        out_shardings=replicated),
+      kept_records=kept, last_good_step=int(jax.device_get(state.step)))
   return run, state
 
 
-def _logged_values(run: _Run, step_metrics, *, step: int, epoch: int,
-                   step_start: float) -> dict:
-  """Step metrics as floats; raises on a non-finite loss."""
-  values = jax.device_get(step_metrics)
-  if not math.isfinite(float(values["loss"])):
-    raise NonFiniteLossError(
-        f"The loss is {values['loss']} at step {step} (epoch "
-        f"{epoch + 1}). Nothing was saved after the last good "
-        f"checkpoint (step {run.checkpointer.latest_step()}). Lower "
-        "optimizer.learning_rate or the robust weight (loss.lam).")
-  values = {k: float(np.asarray(v)) for k, v in values.items()}
-  values["epoch"] = epoch + 1
-  values["step_time"] = time.perf_counter() - step_start
+def _open_workdir(config, workdir: str, checkpoint: int | None,
+                  cleanup: contextlib.ExitStack, *, init_fn, replicated,
+                  total_steps: int):
+  """Creates and locks the workdir, then restores or inits the state.
+
+  Called once the config, the data and the model are known to be good, so
+  that a refused run leaves no empty workdir behind. The lock comes before
+  anything else is written into the workdir, and the resume checks before
+  ``config.json`` is (re)written. A run resumed at ``total_steps``
+  evaluates the test split again.
+
+  Returns:
+    ``(checkpointer, state, kept metrics records)``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock_workdir(workdir)
+  if lock is not None:
+    cleanup.callback(lock.release)
+  # Again under the lock: a run that ended since the first check may have
+  # written another config.json.
+  resume.check_config(workdir, config)
+  checkpointer = checkpoints.Checkpointer(
+      workdir, every_steps=config.checkpoint.every_steps,
+      keep=config.checkpoint.keep)
+  cleanup.callback(checkpointer.close)
+  state = _restore_or_init(config, checkpointer, init_fn, replicated,
+                           checkpoint)
+  start = int(jax.device_get(state.step))
+  kept = []
+  if parallel.is_main_process():
+    checkpoints.write_config(workdir, config.to_json_best_effort(indent=2))
+    kept = metrics.keep_records(workdir, resume.metrics_to_keep(
+        start, redo_test=config.eval.final_test and start == total_steps))
+  return checkpointer, state, kept
+
+
+def _checked_values(run: _Run, step_metrics, state, *, step: int, epoch: int,
+                    check_params: bool) -> dict:
+  """Step metrics as floats; raises NonFiniteLossError on an unhealthy step."""
+  values = {k: float(np.asarray(v))
+            for k, v in jax.device_get(step_metrics).items()}
+  config = run.config
+  problem = health.problem(
+      values, params_finite=not check_params or bool(_all_finite(state.params)),
+      previous_lipschitz=run.last_good_lipschitz,
+      checkpoint_config=config.checkpoint,
+      bound_in_loss=config.loss.name != "ce")
+  if problem:
+    raise NonFiniteLossError(health.diverged_message(
+        step=step, epoch=epoch, problem_text=problem,
+        last_good_step=run.last_good_step,
+        checkpoint_step=run.checkpointer.latest_step(),
+        optimizer=config.optimizer))
+  run.last_good_step = step
+  run.last_good_lipschitz = values["lipschitz_max"]
   return values
 
 
-def _save_if_due(run: _Run, state, step: int) -> None:
-  """Checkpoints on schedule and at the end, never non-finite params."""
-  if run.checkpointer.should_save(step) or step == run.total_steps:
-    if not bool(_all_finite(state.params)):
-      raise NonFiniteLossError(
-          f"Parameters are not finite at step {step}; the last good "
-          f"checkpoint (step {run.checkpointer.latest_step()}) is kept.")
-    run.checkpointer.save(step, state, force=step == run.total_steps)
-
-
 def _train_epoch(run: _Run, state, epoch: int, first: int, writer):
-  """Runs one epoch from its step ``first``; returns ``(state, logs)``."""
+  """Runs one epoch from its step ``first``; returns ``(state, logs)``.
+
+  Every logged step and every step due for a checkpoint passes the
+  divergence guard first, so no checkpoint holds an unhealthy state.
+  """
   config = run.config
   bar = progress_bar(
       total=run.steps_per_epoch, initial=first, enabled=config.progress,
@@ -239,19 +277,79 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, writer):
     state, step_metrics = run.train_step(
         state, parallel.to_global(local, run.batch_sharding))
     step = epoch * run.steps_per_epoch + step_in_epoch + 1
-    last_of_epoch = step_in_epoch == run.steps_per_epoch - 1
-    if step % config.log_every_steps == 0 or last_of_epoch:
-      values = _logged_values(run, step_metrics, step=step, epoch=epoch,
-                              step_start=step_start)
+    logged = (step % config.log_every_steps == 0
+              or step_in_epoch == run.steps_per_epoch - 1)
+    save = run.checkpointer.should_save(step) or step == run.total_steps
+    if logged or save:
+      values = _checked_values(run, step_metrics, state, step=step,
+                               epoch=epoch, check_params=save)
+    if logged:
+      values["epoch"] = epoch + 1
+      values["step_time"] = time.perf_counter() - step_start
       writer.write("train", step, values)
       epoch_logs.append(values)
       bar.set_postfix(loss=f"{values['loss']:.3f}",
                       acc=f"{values['accuracy']:.3f}",
                       radius=f"{values['mean_radius']:.3f}")
     bar.update(1)
-    _save_if_due(run, state, step)
+    if save:
+      run.checkpointer.save(step, state, force=step == run.total_steps)
   bar.close()
   return state, epoch_logs
+
+
+def _kept_epoch_part(run: _Run, epoch: int) -> tuple[list[dict], float]:
+  """The logs and seconds of ``epoch`` kept from before the resume.
+
+  The seconds run from the last record before the epoch (or the first
+  step's start) to its last kept record.
+  """
+  begin_step = epoch * run.steps_per_epoch
+  inside = [r for r in run.kept_records
+            if r["kind"] == "train" and r["step"] > begin_step]
+  if not inside:
+    return [], 0.0
+  before = [r["time"] for r in run.kept_records if r["step"] <= begin_step]
+  begin = before[-1] if before else inside[0]["time"] - inside[0]["step_time"]
+  logs = [{k: v for k, v in r.items() if k not in ("kind", "step", "time")}
+          for r in inside]
+  return logs, max(inside[-1]["time"] - begin, 0.0)
+
+
+def _epoch_summary(logs: list[dict], seconds: float, epoch: int) -> dict:
+  keys = logs[-1] if logs else {}
+  summary = {k: float(np.mean([m[k] for m in logs if k in m])) for k in keys}
+  summary["epoch_time"] = seconds
+  summary["epoch"] = epoch + 1
+  return summary
+
+
+def _validation_due(run: _Run, epoch: int) -> bool:
+  return bool(len(run.datasets["validation"].labels)) and (
+      (epoch + 1) % run.config.eval.every_epochs == 0
+      or epoch + 1 == run.config.num_epochs)
+
+
+def _first_epoch(run: _Run, start: int) -> int:
+  """The epoch a run resumed at step ``start`` begins with.
+
+  A checkpoint at the end of an epoch whose summary (or due validation)
+  was not logged before the interruption makes the run finish that epoch.
+  """
+  epoch = start // run.steps_per_epoch
+  if start == 0 or start % run.steps_per_epoch:
+    return epoch
+  kinds = {r["kind"] for r in run.kept_records if r["step"] == start}
+  finished = "epoch" in kinds and (
+      "eval" in kinds or not _validation_due(run, epoch - 1))
+  if jax.process_count() > 1:  # Only process 0 has read the records.
+    finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+  if finished:
+    return epoch
+  if parallel.is_main_process():
+    run.kept_records = metrics.keep_records(
+        run.workdir, lambda r: r["step"] < start or r["kind"] == "train")
+  return epoch - 1
 
 
 def _validate(run: _Run, state, epoch: int, writer) -> dict:
@@ -269,8 +367,16 @@ def _validate(run: _Run, state, epoch: int, writer) -> dict:
   return {f"val/{k}": v for k, v in result.items()}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *,
+                       checkpoint: int | None = None) -> dict:
   """Trains per ``config``, checkpointing and logging into ``workdir``.
+
+  Args:
+    config: the experiment config.
+    workdir: where checkpoints, metrics and config.json go; a workdir that
+      holds a run resumes it.
+    checkpoint: resume from this saved step (later ones are moved to
+      ``checkpoints_set_aside``); default: the newest intact checkpoint.
 
   Returns:
     The final metrics (last epoch's validation and the final test
@@ -278,27 +384,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Raises:
     ValueError: bad config, data that does not fit the model, a batch that
-      does not split over devices, or a workdir holding another run.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint
-      is kept).
+      does not split over devices, or a workdir holding another run
+      (:class:`resume.ConfigChangedError`).
+    WorkdirLockedError: another process trains in ``workdir``.
+    CheckpointNotFoundError: ``checkpoint`` was not saved.
+    CorruptCheckpointError: ``checkpoint``, or every checkpoint, is
+      corrupt.
+    NonFiniteLossError: training diverged (no unhealthy state is saved).
   """
-  run, state = _set_up(config, workdir)
+  config_checks.validate(config, _default_config())
+  if "://" not in workdir:
+    # Orbax needs absolute paths; users type relative ones.
+    workdir = os.path.abspath(workdir)
+  with contextlib.ExitStack() as cleanup:
+    run, state = _set_up(config, workdir, checkpoint, cleanup)
+    return _train(run, state)
+
+
+def _train(run: _Run, state) -> dict:
+  """The epochs from the state's step on, then the final test."""
+  config = run.config
   writer = metrics.MetricWriter(run.workdir)
-  start_step = int(jax.device_get(state.step))
+  start = int(jax.device_get(state.step))
   final = {}
   try:
-    for epoch in range(start_step // run.steps_per_epoch, config.num_epochs):
-      first = max(start_step - epoch * run.steps_per_epoch, 0)
+    for epoch in range(_first_epoch(run, start), config.num_epochs):
+      first = max(start - epoch * run.steps_per_epoch, 0)
+      earlier, seconds = _kept_epoch_part(run, epoch) if first else ([], 0.0)
       epoch_start = time.perf_counter()
       state, epoch_logs = _train_epoch(run, state, epoch, first, writer)
-      summary = {k: float(np.mean([m[k] for m in epoch_logs]))
-                 for k in epoch_logs[0]} if epoch_logs else {}
-      summary["epoch_time"] = time.perf_counter() - epoch_start
-      summary["epoch"] = epoch + 1
-      writer.write("epoch", (epoch + 1) * run.steps_per_epoch, summary)
-      is_last = epoch + 1 == config.num_epochs
-      if len(run.datasets["validation"].labels) and (
-          (epoch + 1) % config.eval.every_epochs == 0 or is_last):
+      seconds += time.perf_counter() - epoch_start
+      writer.write("epoch", (epoch + 1) * run.steps_per_epoch,
+                   _epoch_summary(earlier + epoch_logs, seconds, epoch))
+      if _validation_due(run, epoch):
         final.update(_validate(run, state, epoch, writer))
     run.checkpointer.wait()
     if config.eval.final_test and len(run.datasets["test"].labels):
@@ -307,7 +425,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                run.batch_sharding, writer, run.total_steps))
   finally:
     writer.close()
-    run.checkpointer.close()
   return final
 
 

@@ -17,11 +17,12 @@ choices (predicted class, correctness, the CRM active set) are made under
 
 References:
   Fazlyab et al., Certified Robustness via Dynamic Margin Maximization and
-    Improved Lipschitz Regularization, NeurIPS 2023 (CRM; SPEC §5.2).
+    Improved Lipschitz Regularization, NeurIPS 2023 (CRM;
+    docs/training.md#crm-loss).
   Leino, Wang, Fredrikson, Globally-Robust Neural Networks, ICML 2021
-    (GloRo; SPEC §5.4).
+    (GloRo; docs/training.md#gloro).
   Tsuzuku, Sato, Sugiyama, Lipschitz-Margin Training, NeurIPS 2018
-    (LMT; SPEC §5.4).
+    (LMT; docs/training.md#lmt).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def crm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
              robust_active=True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CRM: cross-entropy plus a soft penalty on small certified radii.
 
-  Exactly the reference code's semantics (SPEC §5.2), with masks instead of
-  boolean filtering. With ``p_b = argmax z_b``::
+  Exactly the reference code's semantics (docs/training.md#crm-loss), with
+  masks instead of boolean filtering. With ``p_b = argmax z_b``::
 
     R_bi = (z_bp - z_bi) / L_{p i}  (i != p),   R_bp = +inf,
     C    = {b : p_b == y_b}          (all b if regularize_misclassified),
@@ -98,7 +99,8 @@ def crm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
       (``radiusMaximizationMaximumPenalizingRadius``).
     form: ``"softmax"`` (every reference run) or ``"max"``.
     regularize_misclassified: also penalize misclassified points, relative to
-      their (wrong) predicted class (SPEC §7.2; off in every reference run).
+      their (wrong) predicted class (off in every reference run;
+      docs/training.md#crm-loss).
     robust_active: Python or traced bool, ``epoch >= E0`` in the reference.
       When False the loss is pure cross-entropy (the aux terms are still
       computed).
@@ -167,7 +169,7 @@ def gloro_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
 
   The bottom logit is the worst case of the other classes at distance
   ``eps`` from the true class (Leino et al. 2021, §3; reference code as in
-  SPEC §5.4)::
+  docs/training.md#gloro)::
 
     z_bot = max_{i != y} (z_i + eps L_{y i}),   zbar = [z, z_bot] in R^{K+1},
     loss  = mean_b CE(z_b, y_b) + lam * mean_b KL(q_b || softmax(zbar_b)),
@@ -236,7 +238,7 @@ def lmt_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
 
   ``loss = mean_b CE(z_b + mu eps L_{y_b, .} * (1 - e_{y_b}), y_b)``, where the
   offset is zeroed for misclassified samples (``argmax z != y``, ties to the
-  lowest index), as in the reference code (SPEC §5.4).
+  lowest index), as in the reference code (docs/training.md#lmt).
 
   Args:
     logits: ``[batch, K]``.

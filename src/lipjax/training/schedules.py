@@ -11,7 +11,7 @@ the offending value.
 
 References:
   Fazlyab et al., NeurIPS 2023, official code ``Utilities/Schedulers.py``
-  (SPEC §6.1) and ``schedulerStep`` (SPEC §5.3, §5.4).
+  and ``schedulerStep``; docs/training.md#schedules.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def epoch_schedule(*, initial: float, start_epoch: int,
   With ``total_epochs`` set, ``k`` stops growing at ``total_epochs -
   start_epoch``.
 
-  Examples (SPEC §5.3, §5.4), ``E0 = 10``, ``E = 400``::
+  Examples (docs/training.md#per-epoch-hyperparameters), ``E0 = 10``,
+  ``E = 400``::
 
     epoch_schedule(initial=15.0, start_epoch=10)               # CRM lambda
     epoch_schedule(initial=0.1, start_epoch=10,                 # GloRo lambda

@@ -11,7 +11,8 @@ The official archive is read in place with :mod:`zipfile`:
 * ``train``: ``tiny-imagenet-200/train/<wnid>/images/*.JPEG`` (100k images);
 * ``validation``: ``tiny-imagenet-200/val/images/*.JPEG`` labelled by
   ``val/val_annotations.txt`` (10k images). The official test split has no
-  labels, so the validation images serve as the test set (SPEC §7.14).
+  labels, so the validation images serve as the test set
+  (docs/training.md#data).
 
 Labels index the 200 wnids sorted, as ``torchvision.datasets.ImageFolder``
 (used by the reference) numbers its class folders. RGB JPEGs are stored
