@@ -144,6 +144,13 @@ def test_data_dir_or_default(monkeypatch):
       pathlib.Path("~/tensorflow_datasets").expanduser())
 
 
+def test_prepare_command_takes_an_argument_list(capsys):
+  with pytest.raises(SystemExit) as done:
+    data.main(["prepare", "--help"])
+  assert done.value.code == 0
+  assert "tiny_imagenet" in capsys.readouterr().out
+
+
 def test_import_needs_no_tensorflow():
   code = ("import sys, lipjax.training.data, tensorflow_datasets as tfds; "
           "assert tfds.builder_cls('tiny_imagenet') is "
@@ -201,6 +208,15 @@ def test_epoch_permutation():
   np.testing.assert_array_equal(p, batches.epoch_permutation(50, seed=1, epoch=2))
   assert not np.array_equal(p, batches.epoch_permutation(50, seed=1, epoch=3))
   assert not np.array_equal(p, batches.epoch_permutation(50, seed=2, epoch=2))
+
+
+def test_an_epoch_draws_its_permutation_once():
+  batches._permutation.cache_clear()
+  for step in range(4):
+    batches.batch_indices(100, global_batch_size=10, seed=0, epoch=0,
+                          step=step)
+  info = batches._permutation.cache_info()
+  assert (info.misses, info.hits) == (1, 3)
 
 
 def test_processes_slice_the_global_batch():

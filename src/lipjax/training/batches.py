@@ -6,6 +6,7 @@ would, and each process takes its contiguous slice of the global batch.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -13,8 +14,10 @@ import numpy as np
 from lipjax.training.data import Dataset
 
 
+@functools.lru_cache(maxsize=4)
 def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  # Cached: every step of an epoch slices the same permutation.
+  # Cached (read-only, callers copy): every step of an epoch slices the same
+  # permutation.
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
   perm = perm.astype(np.int64)
   perm.flags.writeable = False

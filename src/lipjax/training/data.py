@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -324,7 +323,6 @@ def synthetic_dataset(*, num_examples: int, image_shape, num_classes: int,
                  int(num_classes), "synthetic")
 
 
-@functools.lru_cache(maxsize=4)
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m lipjax.training.data")
   commands = parser.add_subparsers(dest="command", required=True)
