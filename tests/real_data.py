@@ -9,7 +9,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tfds_data_dir() -> pathlib.Path:
-  """``$TFDS_DATA_DIR``, else ``shared/tensorflow_datasets`` beside the clone."""
+  """``$TFDS_DATA_DIR``, else ``shared/tensorflow_datasets`` by the clone."""
   return pathlib.Path(os.environ.get("TFDS_DATA_DIR")
                       or REPO.parent / "shared" / "tensorflow_datasets")
 

@@ -11,9 +11,11 @@ machine without internet access, e.g. from Debian's ``dataset-fashion-mnist``
 package (:data:`LOCAL_COPIES`).
 
 Each file is compared with the sha256 TFDS registered for its URL. A copy
-that differs is used as given, with a warning: repackaged copies such as
-Debian's have re-stamped gzip headers (no file name, another time stamp)
-around the same compressed data, so their checksums cannot match.
+that differs is used as given, with a warning: repackaged copies re-stamp
+the gzip header (Debian's drop the original file name and carry the package's
+build time), so their checksums cannot match although the data is the same
+(``tests/install_test.py`` checks Debian's against the decompressed IDX
+content, and against a copy prepared from the real download when present).
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def seed_cache(builder: tfds.core.DatasetBuilder, from_dir: str,
     cached = _cache_path(cache, builder.name, url, infos[url])
     cached.symlink_to(path.resolve())
     # original_fname (e.g. *.gz) tells TFDS how to extract the file.
-    resource.write_info_file(url=url, path=epath.Path(cached), dataset_name=builder.name,
+    resource.write_info_file(url=url, path=epath.Path(cached),
+                             dataset_name=builder.name,
                              original_fname=path.name, url_info=actual)
   return differing
 
@@ -154,9 +157,11 @@ def download_failed_message(name: str, data_dir: str, error: Exception
                             ) -> str:
   """A one-line error for a failed download that names the offline routes."""
   url = getattr(getattr(error, "request", None), "url", None)
-  text = str(error).replace("\n", " ")
-  reason = (type(error).__name__ + (f" for {url}" if url else "")
-            if url or len(text) > 160 else f"{type(error).__name__}: {text}")
+  if url:  # requests' own text is a long repr of its retry chain.
+    reason = f"{type(error).__name__} for {url}"
+  else:
+    first = (str(error).splitlines() or [""])[0]
+    reason = f"{type(error).__name__}: {first[:160]}"
   hint = "DIR holding its original download files"
   if name in LOCAL_COPIES:
     folder, package = LOCAL_COPIES[name]
