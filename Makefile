@@ -23,7 +23,7 @@ test: $(STAMP)
 
 ## Train a certifiably robust Fashion-MNIST model on CPU, then certify it.
 ## Offline when TFDS_DATA_DIR holds the prepared dataset; otherwise installs
-## the `prepare` extra (TensorFlow) and downloads it.
+## the `prepare` extra (TensorFlow) and prepares it (see fashion-mnist-data).
 demo: fashion-mnist-data
 	$(PY) train.py --config configs/fashion_mnist.py:quick --workdir $(DEMO_WORKDIR)
 	$(PY) certify.py --workdir $(DEMO_WORKDIR)
@@ -38,11 +38,17 @@ fmnist-sweep: fashion-mnist-data
 fmnist-results: fashion-mnist-data
 	PYTHON=$(PY) experiments/fashion_mnist/results.sh $(RESULTS_DIR)
 
-# Offline when TFDS_DATA_DIR holds the prepared dataset; otherwise install
-# TensorFlow (the `prepare` extra) so that TFDS can download and prepare it.
+# Nothing to do when TFDS_DATA_DIR (default ~/tensorflow_datasets) holds the
+# prepared dataset. Otherwise install TensorFlow (the `prepare` extra) and
+# prepare it there: downloaded, or without network from the original files
+# in FASHION_MNIST_FILES (e.g. /usr/share/datasets/fashion-mnist from
+# Debian's dataset-fashion-mnist package).
+FASHION_MNIST_FILES ?=
 fashion-mnist-data: $(STAMP)
 	@$(PY) -c "import sys; from lipjax.training import data; sys.exit(not data.is_prepared('fashion_mnist'))" \
-	  || $(PY) -m pip install --quiet -e ".[prepare]"
+	  || { $(PY) -m pip install --quiet -e ".[prepare]" \
+	       && $(PY) -m lipjax.training.data prepare fashion_mnist \
+	            $(if $(FASHION_MNIST_FILES),--from_dir $(FASHION_MNIST_FILES)); }
 
 ## Bound a freshly initialized reference network: naive vs LipLT.
 bounds-demo: $(STAMP)

@@ -38,9 +38,9 @@ from lipjax.training import augment
 from lipjax.training import batches
 from lipjax.training import data
 from lipjax.training import tiny_imagenet
+from tests import real_data
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_SHARED_TFDS = _REPO.parent / "shared" / "tensorflow_datasets"
 _SYNTH = dict(num_train=200, num_test=60, image_shape=(8, 8, 3),
               num_classes=4, seed=3)
 
@@ -59,12 +59,11 @@ def _rows(images):
 # ---------------------------------------------------------------- loading
 
 
-@pytest.mark.skipif(not (_SHARED_TFDS / "fashion_mnist").is_dir(),
-                    reason=f"prepared Fashion-MNIST not found in "
-                    f"{_SHARED_TFDS}")
+@pytest.mark.skipif(not real_data.has_fashion_mnist(),
+                    reason=real_data.SKIP_REASON)
 def test_real_fashion_mnist():
   train = data.load_split("fashion_mnist", "train[:256]",
-                          data_dir=str(_SHARED_TFDS))
+                          data_dir=str(real_data.tfds_data_dir()))
   assert train.images.shape == (256, 28, 28, 1)
   assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
   assert train.num_classes == 10 and train.name == "fashion_mnist"
@@ -72,7 +71,7 @@ def test_real_fashion_mnist():
   assert len(np.unique(train.labels)) >= 5
   assert train.images.min() == 0 and train.images.max() == 255
   test = data.load_split("fashion_mnist", "test[:64]",
-                         data_dir=str(_SHARED_TFDS))
+                         data_dir=str(real_data.tfds_data_dir()))
   assert test.images.shape == (64, 28, 28, 1) and len(test) == 64
 
 

@@ -3,7 +3,8 @@
 Covers: a full smoke run (checkpoints, metrics, config.json), 8 fake devices
 == 1 device, resume after an interruption == uninterrupted (bit-identical),
 NaN handling that keeps the last good checkpoint, clear config errors, and a
-few real Fashion-MNIST steps when the shared dataset is present.
+few real Fashion-MNIST steps when a prepared copy is present ($TFDS_DATA_DIR,
+else shared/tensorflow_datasets beside the clone).
 """
 
 import json
@@ -21,9 +22,9 @@ from configs import smoke
 from lipjax.training import checkpoints
 from lipjax.training import loop
 from lipjax.training import steps
+from tests import real_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_TFDS = REPO.parent / "shared" / "tensorflow_datasets"
 
 
 def smoke_config(**overrides):
@@ -168,12 +169,12 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not SHARED_TFDS.exists(),
-                    reason="shared Fashion-MNIST not present")
+@pytest.mark.skipif(not real_data.has_fashion_mnist(),
+                    reason=real_data.SKIP_REASON)
 def test_real_fashion_mnist_steps(tmp_path):
   from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
   config = fashion_mnist.get_config("quick")
-  config.data.data_dir = str(SHARED_TFDS)
+  config.data.data_dir = str(real_data.tfds_data_dir())
   config.data.download = False
   config.data.max_train_examples = 512
   config.batch_size, config.num_epochs = 64, 1

@@ -14,6 +14,12 @@ Preparing a dataset needs TensorFlow (``pip install -e '.[prepare]'``)::
 
   python -m lipjax.training.data prepare cifar10 --data_dir ~/tensorflow_datasets
   python -m lipjax.training.data prepare tiny_imagenet --data_dir D --manual_dir M
+
+Offline, from a folder of the original download files (here Debian's
+``dataset-fashion-mnist`` package; see :mod:`lipjax.training.downloads`)::
+
+  python -m lipjax.training.data prepare fashion_mnist \
+      --from_dir /usr/share/datasets/fashion-mnist
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from lipjax.training import downloads
 
 # Registers the "tiny_imagenet" TFDS builder. It lives in its own module so
 # that `python -m lipjax.training.data` does not register it twice (as __main__ too).
@@ -208,17 +217,36 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
   return Dataset(images, labels, info.num_classes, name)
 
 
-def prepare(name: str, data_dir: str, *, manual_dir: str | None = None
-            ) -> None:
-  """Downloads (or reads from manual_dir) and prepares a TFDS dataset.
+class DatasetDownloadError(DatasetNotFoundError):
+  """Preparing a dataset failed because its files could not be downloaded."""
+
+
+def prepare(name: str, data_dir: str, *, manual_dir: str | None = None,
+            from_dir: str | None = None) -> None:
+  """Downloads (or reads from manual_dir / from_dir) and prepares a dataset.
 
   Writes array_record files, the format :func:`load_split` reads.
 
+  Args:
+    name: a key of :data:`DATASETS` (not ``"synthetic"``).
+    data_dir: TFDS data_dir to prepare it in.
+    manual_dir: folder of manually downloaded files, for builders that ask
+      for one (tiny_imagenet).
+    from_dir: folder that holds the dataset's original download files (e.g.
+      Debian's ``/usr/share/datasets/fashion-mnist``); TFDS prepares them
+      without going online (see :mod:`lipjax.training.downloads`).
+
   Raises:
     ImportError: TensorFlow, which TFDS needs to prepare, is not installed.
-    ValueError: unknown dataset, or tiny_imagenet without manual_dir.
+    ValueError: unknown dataset, tiny_imagenet without manual_dir, or both
+      manual_dir and from_dir.
+    FileNotFoundError: from_dir lacks one of the download files.
+    DatasetDownloadError: the download failed; the message names the
+      offline routes.
   """
   info = _tfds_info(name)
+  if manual_dir is not None and from_dir is not None:
+    raise ValueError("Give manual_dir or from_dir, not both.")
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
@@ -226,13 +254,27 @@ def prepare(name: str, data_dir: str, *, manual_dir: str | None = None
                       "install -e '.[prepare]'") from e
   if name == "tiny_imagenet" and manual_dir is None:
     raise ValueError(tiny_imagenet.TinyImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  builder = tfds.builder(info.tfds_name, data_dir=data_dir_or_default(data_dir),
+  data_dir = data_dir_or_default(data_dir)
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir,
                          file_format="array_record")
+  if from_dir is not None:
+    with tempfile.TemporaryDirectory() as cache:
+      differing = downloads.seed_cache(builder, from_dir, cache)
+      downloads.warn_differing(name, from_dir, differing)
+      builder.download_and_prepare(download_dir=cache)
+    return
   config = None
   if manual_dir is not None:
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir))
-  builder.download_and_prepare(download_config=config)
+  try:
+    if manual_dir is None:  # Fail at once, not after TFDS's retries.
+      downloads.check_reachable(downloads.uncached_urls(
+          builder, os.path.join(data_dir, "downloads")))
+    builder.download_and_prepare(download_config=config)
+  except downloads.DOWNLOAD_ERRORS as e:
+    raise DatasetDownloadError(
+        downloads.download_failed_message(name, data_dir, e)) from e
 
 
 def _subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
@@ -334,9 +376,16 @@ def main(argv=None) -> None:
                     "$TFDS_DATA_DIR, else ~/tensorflow_datasets).")
   prep.add_argument("--manual_dir", help="Folder of manually downloaded "
                     f"files (tiny_imagenet: {tiny_imagenet.ZIP_NAME}).")
+  prep.add_argument("--from_dir", help="Folder holding the dataset's "
+                    "original download files; nothing is downloaded (e.g. "
+                    f"{downloads.LOCAL_COPIES['fashion_mnist'][0]}).")
   args = parser.parse_args(argv)
   data_dir = data_dir_or_default(args.data_dir)
-  prepare(args.name, data_dir, manual_dir=args.manual_dir)
+  try:
+    prepare(args.name, data_dir, manual_dir=args.manual_dir,
+            from_dir=args.from_dir)
+  except (ImportError, ValueError, FileNotFoundError) as error:
+    sys.exit(f"error: {error}")  # The message says what to do.
   print(f"Prepared {args.name} in {data_dir}.")
 
 
