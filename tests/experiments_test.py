@@ -63,7 +63,9 @@ def test_results_table_reports_certify_json_numbers(tmp_path):
       "bound": {"mode": "mixed", "products": [{"source": "exact"},
                                               {"source": "converged"}],
                 "statistics": {"liplt_over_naive": {"mean": 0.9, "min": 0.8,
-                                                    "max": 0.95}}},
+                                                    "max": 0.95}},
+                "float32_margin": {
+                    "certified_accuracy_exact_arithmetic": [0.71, 0.52]}},
       "certified_accuracy_curve": {"eps_pixel": [0.0, 1.0],
                                    "certified_fraction": [0.75, 0.5]},
   }
@@ -73,6 +75,7 @@ def test_results_table_reports_certify_json_numbers(tmp_path):
           "0.6000 | 0 / 700 | 2.0 | 1.5 |") in table
   assert "ratio mean 0.900 (min 0.800, max 0.950)" in table
   assert "norm sources: converged, exact" in table
+  assert "(exact arithmetic) 0.7100 / 0.5200." in table
   png = tmp_path / "docs" / "curves.png"
   summarize.results_figure(tmp_path, png)
   assert png.stat().st_size > 0

@@ -118,6 +118,8 @@ def results_rows(out: pathlib.Path) -> list[dict[str, Any]]:
         "sources": sorted({p["source"] for p in report["bound"]["products"]}),
         "liplt_over_naive": stats.get("liplt_over_naive"),
         "mean_radius": report["radius"]["pixel"]["mean_over_all"],
+        "exact_arithmetic": report["bound"].get("float32_margin", {}).get(
+            "certified_accuracy_exact_arithmetic"),
     })
   return rows
 
@@ -145,9 +147,12 @@ def results_table(out: pathlib.Path) -> str:
     ratio_text = (f"; LipLT/naive pairwise bound ratio mean {ratio['mean']:.3f}"
                   f" (min {ratio['min']:.3f}, max {ratio['max']:.3f})"
                   if ratio else "")
+    exact = r["exact_arithmetic"]
+    exact_text = ("; certified without the float32 margin (exact arithmetic) "
+                  + " / ".join(f"{c:.4f}" for c in exact) if exact else "")
     lines.append(f"- {r['name']}: bound mode {r['bound_mode']} (norm sources: "
                  f"{', '.join(r['sources'])}){ratio_text}; mean certified "
-                 f"radius {r['mean_radius']:.3f}.")
+                 f"radius {r['mean_radius']:.3f}{exact_text}.")
   return "\n".join(lines)
 
 
