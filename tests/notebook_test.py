@@ -8,6 +8,7 @@ notebook promises to finish in about a minute on a CPU.
 
 import os
 import pathlib
+import re
 import time
 
 import nbclient  # The `test` extra installs nbclient, nbformat, ipykernel.
@@ -46,8 +47,17 @@ def test_quickstart_notebook_runs(monkeypatch):
   text = _outputs_text(notebook)
   # The kernel imported this checkout, and every section printed its table.
   assert f"lipjax from {ROOT / 'src' / 'lipjax'}" in text
-  assert "LipLT/naive over all pairs" in text
+  # LipLT is never looser than naive, pair by pair.
+  ratio = re.search(r"LipLT/naive over all pairs: min ([\d.]+), "
+                    r"mean ([\d.]+), max ([\d.]+)", text)
+  assert ratio and 0 < float(ratio[1]) <= float(ratio[3]) <= 1
+  # One labelled row per product: 3 naive (W_0, W_1, W_2), 6 LipLT.
+  rows = re.findall(r"^  (W_\d\.\.\.W_\d) +lanczos ", text, re.M)
+  assert rows.count("W_0...W_0") == 2 and len(rows) == 9
   assert "guarantee: randomized" in text and "seed 0" in text
   assert "deterministic" in text  # The trained model's exact bound.
-  last = notebook.cells[-1].outputs
-  assert any("image/png" in out.get("data", {}) for out in last)
+  figures = [out for cell in notebook.cells if cell.cell_type == "code"
+             for out in cell.outputs if "image/png" in out.get("data", {})]
+  assert len(figures) == 1  # The certified radii.
+  removed = re.search(r"removed (\S+)", text)
+  assert removed and not os.path.exists(removed[1])  # Temp workdir gone.
