@@ -140,6 +140,26 @@ def test_conv_adjoint_identity_float64(case):
 
 
 @pytest.mark.parametrize("case", _CONV_CASES)
+def test_float64_conv_by_patches_is_lax_conv(case):
+  # float64 convs run as slices + a matmul (faster on XLA:CPU); the map
+  # must be exactly lax.conv_general_dilated's, for every configuration.
+  height, width, kernel, stride, pad, _ = case
+  with jax.enable_x64(True):
+    op = _conv_op(3, height, width, kernel, stride, pad, c_in=3,
+                  c_out=4).astype(jnp.float64)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal(
+        (2, height, width, 3)), jnp.float64)
+    expected = jax.lax.conv_general_dilated(
+        x, op.weight, window_strides=op.strides, padding=op.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = op(x)
+  assert got.dtype == jnp.float64 and got.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                             rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(
+                                 expected))))
+
+
+@pytest.mark.parametrize("case", _CONV_CASES)
 def test_conv_out_shape_matches_call(case):
   height, width, kernel, stride, pad, (out_h, out_w) = case
   op = _conv_op(0, height, width, kernel, stride, pad, c_in=3, c_out=5)

@@ -163,8 +163,9 @@ def _step(chain, products, carry, j):
   """One Lanczos step ``j`` (0-based) for every product at once.
 
   ``carry`` holds, per group of products sharing a start layer, the basis
-  ``[c, rows + 1, d]`` (flattened vectors), ``alpha`` and ``beta``
-  ``[rows, c]`` and the running scale ``[c]``.
+  ``[c, rows, d]`` (flattened vectors, ``rows > max_steps``), ``alpha`` and
+  ``beta`` ``[max_steps, c]`` and the running scale ``[c]`` (see
+  :func:`_initial_carry`).
   """
   basis, alpha, beta, scale = carry
   shapes = [tuple(chain.ops[s].in_shape)
@@ -233,11 +234,16 @@ def _zeros(*shape):
   return jnp.zeros(shape, jnp.float64)
 
 
+def _basis_rows(max_steps: int) -> int:
+  """Rows of a stored basis: ``max_steps + 1``, rounded up to a block."""
+  return -(-(max_steps + 1) // BLOCK) * BLOCK
+
+
 def _initial_carry(starts, max_steps: int):
   """Room for ``max_steps`` steps: bases ``[c, rows, d]`` with the start
   vectors in row 0 (``rows > max_steps``, a multiple of :data:`BLOCK`),
   ``alpha`` and ``beta`` ``[max_steps, c]``, scales ``[c]``."""
-  rows = -(-(max_steps + 1) // BLOCK) * BLOCK
+  rows = _basis_rows(max_steps)
   basis = tuple(_zeros(v.shape[0], rows, v[0].size).at[:, 0].set(
       v.reshape(v.shape[0], -1)) for v in starts)
   return (basis,
@@ -285,7 +291,7 @@ def _batches(chain, products, steps: int, max_bytes: int):
   """Splits products so that each batch's basis fits ``max_bytes``."""
   batch, size = [], 0
   for p in products:
-    need = (steps + 1) * math.prod(chain.ops[p[0]].in_shape) * 8
+    need = _basis_rows(steps) * math.prod(chain.ops[p[0]].in_shape) * 8
     if batch and size + need > max_bytes:
       yield tuple(batch)
       batch, size = [], 0
