@@ -30,12 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax import activations
 from lipjax import bounds as bounds_lib
 from lipjax import exact as exact_lib
 from lipjax import guarantee as guarantee_lib
 from lipjax import linear_maps
 from lipjax import norm_certificates
 from lipjax import power_iteration
+from lipjax import residual_bounds
+from lipjax import residual_certified
+from lipjax import residual_graph
+from lipjax import residual_models
 
 EXACT_SAFETY_FACTOR = norm_certificates.EXACT_SAFETY_FACTOR
 
@@ -85,11 +90,24 @@ class BoundInfo:
 
 
 def _resolve_network(network, graphdef, slopes):
+  """A :class:`LinearChain`, or a :class:`ResidualGraph` for a residual
+  network."""
   if graphdef is not None:
     from lipjax import models  # pylint: disable=import-outside-toplevel
     states = network if isinstance(network, tuple) else (network,)
     network = models.merge(graphdef, *states)
+  if isinstance(network, residual_models.ResidualNet):
+    network = residual_graph.from_model(network)
+  if isinstance(network, residual_graph.ResidualGraph):
+    if slopes is not None:
+      network = dataclasses.replace(
+          network, slopes=activations.check_slopes(slopes))
+    return network
   return linear_maps.to_chain(network, slopes=slopes)
+
+
+def _is_residual(network) -> bool:
+  return isinstance(network, residual_graph.ResidualGraph)
 
 
 def init_power_state(network, *, method: str = "liplt",
@@ -104,12 +122,15 @@ def init_power_state(network, *, method: str = "liplt",
     slopes, graphdef: as in :func:`bound`.
   """
   chain = _resolve_network(network, graphdef, slopes)
+  key = jax.random.key(0) if key is None else key
+  if _is_residual(chain):
+    return residual_bounds.init_power_state(chain, method=method, kind=kind,
+                                            key=key)
   products = bounds_lib.required_products(chain.num_layers, method=method,
                                           kind=kind)
   if not products:
     raise ValueError(f"A {kind} {method} bound of a {chain.num_layers}-layer "
                      "network needs no power iteration.")
-  key = jax.random.key(0) if key is None else key
   return power_iteration.init(chain, products, key)
 
 
@@ -306,6 +327,15 @@ def bound(network, *, method: str = "liplt", kind: str = "pairwise",
   """
   bounds_lib.check_method_kind(method, kind)
   chain = _resolve_network(network, graphdef, slopes)
+  if _is_residual(chain):
+    return _residual_bound(
+        chain, method=method, kind=kind, iterations=iterations, state=state,
+        key=key, return_state=return_state, return_info=return_info,
+        exact=exact, guarantee_kind=guarantee, delta=delta, seed=seed,
+        target_factor=target_factor, max_steps=max_steps,
+        safety_factor=safety_factor, diagonal=diagonal,
+        large_class_threshold=large_class_threshold,
+        max_exact_bytes=max_exact_bytes, progress=progress)
   products = bounds_lib.required_products(chain.num_layers, method=method,
                                           kind=kind)
   if iterations is not None:
@@ -345,3 +375,49 @@ def _check_state_products(state, products, method, kind) -> None:
         f"The power-iteration state holds products {state.products}, but a "
         f"{method} {kind} bound of this network needs {products}. Create it "
         "with lipjax.init_power_state(network, method=..., kind=...).")
+
+
+def _residual_bound(graph, *, method, kind, iterations, state, key,
+                    return_state, return_info, exact, guarantee_kind, delta,
+                    seed, target_factor, max_steps, safety_factor, diagonal,
+                    large_class_threshold, max_exact_bytes, progress):
+  """:func:`bound` for a residual network (:mod:`lipjax.residual_bounds`)."""
+  if iterations is not None:
+    if exact or return_info:
+      raise ValueError("iterations=... (training mode) cannot be combined "
+                       "with exact=... or return_info=True.")
+    if state is None:
+      key = jax.random.key(0) if key is None else key
+      state = residual_bounds.init_power_state(
+          graph, method=method, kind=kind, key=jax.random.split(key)[0])
+    value, state = residual_bounds.training_bound(
+        graph, state, iterations, method=method, kind=kind,
+        diagonal=diagonal, safety_factor=safety_factor,
+        large_class_threshold=large_class_threshold)
+    return (value, state) if return_state else value
+  if exact not in (False, True, "auto"):
+    raise ValueError(f"exact must be False, True or 'auto', got {exact!r}.")
+  if guarantee_kind not in GUARANTEES:
+    raise ValueError(f"guarantee must be one of {GUARANTEES}, got "
+                     f"{guarantee_kind!r}.")
+  if safety_factor is not None and not safety_factor >= 1.0:
+    raise ValueError(f"safety_factor must be >= 1 (1 drops the rounding "
+                     f"allowance of exact norms); got {safety_factor}.")
+  value, certificate, products = residual_certified.certified_bound(
+      graph, method=method, kind=kind, exact=exact,
+      deterministic=guarantee_kind == "deterministic", delta=delta,
+      seed=seed, target_factor=target_factor, max_steps=max_steps,
+      safety_factor=safety_factor, diagonal=diagonal,
+      large_class_threshold=large_class_threshold,
+      max_exact_bytes=max_exact_bytes, progress=progress)
+  factors = (certificate.factors if safety_factor is None
+             else np.full(len(products), float(safety_factor)))
+  info = BoundInfo(method=method, kind=kind, products=products,
+                   norms=certificate.norms, sources=certificate.sources,
+                   safety_factor=factors, certificate=certificate)
+  outputs = [jnp.asarray(value)]
+  if return_state:
+    outputs.append(state)
+  if return_info:
+    outputs.append(info)
+  return tuple(outputs) if len(outputs) > 1 else outputs[0]

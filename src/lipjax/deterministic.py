@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from lipjax import exact as exact_lib
+from lipjax import linear_maps
 from lipjax.linear_maps import LinearChain
 
 # Relative margin on a symbol norm: float64 FFT and SVD errors are of order
@@ -100,6 +101,51 @@ def conv_symbol_norm(op) -> float:
   return float(np.max(top)) * (1.0 + SYMBOL_MARGIN)
 
 
+def _single_op_bound(op, max_bytes: int) -> float:
+  """A bound by proof on one op too large for an exact Gram matrix.
+
+  A conv gets its symbol bound; a residual op ``S + B_m ... B_0`` the
+  triangle inequality and submultiplicativity over its primitives (convs,
+  by their symbols).
+
+  Raises:
+    MemoryError: a dense op (its Gram matrix does not fit either).
+  """
+  if isinstance(op, linear_maps.ResidualOp):
+    shortcut = (abs(op.shortcut_scale) if op.shortcut is None
+                else _single_op_bound(op.shortcut, max_bytes))
+    return shortcut + math.prod(_single_op_bound(b, max_bytes)
+                                for b in op.branch)
+  if op.kind == "conv":
+    return conv_symbol_norm(op)
+  single = linear_maps.LinearChain(ops=(op,))
+  return exact_lib.product_norm(single, (0, 0), max_bytes=max_bytes)
+
+
+def op_upper_bound(op) -> float:
+  """A cheap upper bound by proof on any single op's spectral norm.
+
+  Convs: the symbol bound; dense: float64 SVD of the scaled matrix (with the
+  symbol's margin for its rounding); residual ops: triangle inequality and
+  submultiplicativity. Used where any upper bound will do, such as the
+  rounding allowances of :mod:`lipjax.norm_certificates`.
+  """
+  if isinstance(op, linear_maps.ResidualOp):
+    shortcut = (abs(op.shortcut_scale) if op.shortcut is None
+                else op_upper_bound(op.shortcut))
+    return shortcut + math.prod(op_upper_bound(b) for b in op.branch)
+  if op.kind == "conv":
+    return conv_symbol_norm(op)
+  w = np.asarray(op.weight, np.float64)  # [in, out]
+  if op.in_scale is not None:
+    w = w * np.tile(np.asarray(op.in_scale, np.float64),
+                    w.shape[0] // np.shape(op.in_scale)[0])[:, None]
+  if op.out_scale is not None:
+    w = w * np.asarray(op.out_scale, np.float64)[None, :]
+  top = np.linalg.svd(w, compute_uv=False)[0] if w.size else 0.0
+  return float(top) * (1.0 + SYMBOL_MARGIN)
+
+
 def _segment_end(chain, start: int, end: int, max_bytes: int) -> int:
   """The last ``e' <= end`` with ``W_e' ... W_start``'s Gram in max_bytes."""
   best = None
@@ -132,11 +178,9 @@ def split_bound(chain: LinearChain, product: Product, *, max_bytes: int,
   while s <= e:
     last = _segment_end(chain, s, e, max_bytes)
     if last is None:  # Not even the single layer fits.
-      if chain.ops[s].kind != "conv":
-        exact_lib.product_norm(chain, (s, s), max_bytes=max_bytes)  # raises
       key, source, last = (s, s), "symbol", s
       if (key, source) not in cache:
-        cache[key, source] = conv_symbol_norm(chain.ops[s])
+        cache[key, source] = _single_op_bound(chain.ops[s], max_bytes)
     else:
       key, source = (s, last), "exact"
       if (key, source) not in cache:

@@ -156,11 +156,94 @@ class LinearOp:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class ResidualOp:
+  """``y = S x + B_m ... B_0 x``: the linear part of a residual block.
+
+  Used by :mod:`lipjax.residual_bounds` to describe products through
+  residual blocks (docs/residual.md); it acts like a :class:`LinearOp`
+  (shapes, ``__call__``, exact ``transpose``, ``astype``), so power
+  iteration, Lanczos and exact Gram norms work on chains of them unchanged.
+
+  Attributes:
+    branch: the ops ``B_0, ..., B_m``, applied in order.
+    shortcut: a projection :class:`LinearOp` ``S``, or None for
+      ``shortcut_scale`` times the identity.
+    shortcut_scale: the identity shortcut's factor (static).
+  """
+  branch: tuple[LinearOp, ...]
+  shortcut: LinearOp | None
+  shortcut_scale: float = _static(default=1.0)
+  kind: str = _static(default="residual")
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return tuple(self.branch[0].in_shape)
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return tuple(self.branch[-1].out_shape)
+
+  @property
+  def in_dim(self) -> int:
+    return math.prod(self.in_shape)
+
+  @property
+  def out_dim(self) -> int:
+    return math.prod(self.out_shape)
+
+  @property
+  def weight(self) -> jax.Array:
+    """The first branch weight (its dtype is the op's)."""
+    return self.branch[0].weight
+
+  @property
+  def in_scale(self):
+    return None
+
+  @property
+  def out_scale(self):
+    return None
+
+  def primitives(self) -> tuple[LinearOp, ...]:
+    """The :class:`LinearOp` s inside: the branch, then the projection."""
+    return tuple(self.branch) + (() if self.shortcut is None
+                                 else (self.shortcut,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``S x + B_m(... B_0(x))`` for ``x: [batch, *in_shape]``."""
+    y = x
+    for op in self.branch:
+      y = op(y)
+    if self.shortcut is None:
+      return y + self.shortcut_scale * x
+    return y + self.shortcut(x)
+
+  def transpose(self, y: jax.Array) -> jax.Array:
+    """The adjoint map, for ``y: [batch, *out_shape]``."""
+    primal = jax.ShapeDtypeStruct((y.shape[0],) + self.in_shape, y.dtype)
+    (x,) = jax.linear_transpose(self.__call__, primal)(y)
+    return x
+
+  def astype(self, dtype) -> "ResidualOp":
+    return dataclasses.replace(
+        self, branch=tuple(op.astype(dtype) for op in self.branch),
+        shortcut=None if self.shortcut is None else self.shortcut.astype(
+            dtype))
+
+
+def primitive_ops(op) -> tuple[LinearOp, ...]:
+  """The weight layers inside an op: itself, or a :class:`ResidualOp` 's."""
+  return op.primitives() if isinstance(op, ResidualOp) else (op,)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class LinearChain:
   """A sequential network seen by the bounds: ``W_{N-1} phi(... phi(W_0 x))``.
 
   Attributes:
-    ops: the N bias-free weight layers, input first.
+    ops: the N bias-free weight layers, input first (:class:`LinearOp`, or
+      :class:`ResidualOp` in the products of a residual network).
     slopes: ``(alpha, beta)``, the slope interval of the activation that sits
       after every layer but the last.
   """

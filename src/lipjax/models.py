@@ -234,8 +234,10 @@ def build(architecture: str | Sequence, *, num_classes: int,
   """Builds a network by name (``ARCHITECTURES``) or from a layer spec.
 
   Args:
-    architecture: ``"3F"``, ``"2C2F"``, ``"4C3F"``, ``"6C2F"``, ``"8C2F"`` or
-      a sequence of layer specs (see the module docstring).
+    architecture: ``"3F"``, ``"2C2F"``, ``"4C3F"``, ``"6C2F"``, ``"8C2F"``,
+      a residual name (:data:`lipjax.residual_models.ARCHITECTURES`) or a
+      sequence of layer specs (see the module docstring; residual kinds in
+      :mod:`lipjax.residual_models`).
     num_classes: number of classes K (the last layer's width).
     input_shape: ``(H, W, C)``.
     rngs: ``nnx.Rngs`` for the PyTorch-style uniform initialization.
@@ -247,22 +249,31 @@ def build(architecture: str | Sequence, *, num_classes: int,
       in eval mode (``model.eval()``), not in training mode.
 
   Returns:
-    A :class:`SequentialNet`.
+    A :class:`SequentialNet`, or a
+    :class:`lipjax.residual_models.ResidualNet` for a residual spec.
 
   Raises:
     ValueError: for an unknown name, a malformed spec, or a spec that does not
       fit ``input_shape``.
   """
+  # Imported here: residual_models builds on this module.
+  from lipjax import residual_models  # pylint: disable=import-outside-toplevel
   if isinstance(architecture, str):
+    names = {**ARCHITECTURES, **residual_models.ARCHITECTURES}
     try:
-      spec = ARCHITECTURES[architecture]
+      spec = names[architecture]
     except KeyError:
       raise ValueError(
           f"Unknown architecture {architecture!r}; choose one of "
-          f"{', '.join(ARCHITECTURES)} or pass a list of layer specs."
+          f"{', '.join(names)} or pass a list of layer specs."
       ) from None
   else:
     spec = architecture
+  if residual_models.is_residual_spec(spec):
+    return residual_models.ResidualNet(
+        spec, num_classes=num_classes, input_shape=input_shape, rngs=rngs,
+        activation=activation, input_mean=input_mean, input_std=input_std,
+        batch_norm=batch_norm)
   return SequentialNet(spec, num_classes=num_classes, input_shape=input_shape,
                        rngs=rngs, activation=activation, input_mean=input_mean,
                        input_std=input_std, batch_norm=batch_norm)

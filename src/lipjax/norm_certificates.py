@@ -29,6 +29,7 @@ from lipjax import deterministic as deterministic_lib
 from lipjax import exact as exact_lib
 from lipjax import guarantee
 from lipjax import lanczos
+from lipjax import linear_maps
 from lipjax.linear_maps import LinearChain
 from lipjax.progress import progress_bar
 
@@ -108,14 +109,15 @@ class NormCertificate:
 
 def check_finite(chain: LinearChain) -> None:
   """Raises ValueError naming the first layer with a non-finite array."""
-  for k, op in enumerate(chain.ops):
-    for name in ("weight", "in_scale", "out_scale"):
-      value = getattr(op, name)
-      if value is not None and not np.all(np.isfinite(np.asarray(value))):
-        raise ValueError(
-            f"Layer {k} ({op.kind}) has a non-finite {name}: no bound can "
-            "certify this network. Restore a checkpoint saved before the "
-            "weights diverged.")
+  for k, outer in enumerate(chain.ops):
+    for op in linear_maps.primitive_ops(outer):
+      for name in ("weight", "in_scale", "out_scale"):
+        value = getattr(op, name)
+        if value is not None and not np.all(np.isfinite(np.asarray(value))):
+          raise ValueError(
+              f"Layer {k} ({op.kind}) has a non-finite {name}: no bound can "
+              "certify this network. Restore a checkpoint saved before the "
+              "weights diverged.")
 
 
 U64 = 2.0**-53
@@ -129,8 +131,15 @@ def abs_norm(op) -> float:
   """Schur's bound ``sqrt(max row sum * max column sum)`` of ``|W|``.
 
   An upper bound on the spectral norm of the entrywise absolute value of the
-  op's matrix (per-channel scales included), and so of the op itself.
+  op's matrix (per-channel scales included), and so of the op itself. For a
+  :class:`~lipjax.linear_maps.ResidualOp` ``S + B_m ... B_0`` it is
+  ``S``'s bound plus the product of the branch's: ``|S + B| <= |S| + |B_m|
+  ... |B_0|`` entrywise, and the norm is monotone on nonnegative matrices.
   """
+  if isinstance(op, linear_maps.ResidualOp):
+    shortcut = (abs(op.shortcut_scale) if op.shortcut is None
+                else abs_norm(op.shortcut))
+    return shortcut + math.prod(abs_norm(b) for b in op.branch)
   w = np.abs(np.asarray(op.weight, np.float64))
   c_in, c_out = w.shape[-2] if op.kind == "conv" else None, w.shape[-1]
   in_scale = (np.ones(c_in if op.kind == "conv" else op.in_shape[-1])
@@ -149,6 +158,14 @@ def abs_norm(op) -> float:
 
 
 def _fan_in(op) -> int:
+  """Terms summed per output (``gamma_{fan_in + 3}`` bounds its rounding).
+
+  A residual op's evaluation rounds in every primitive (fan-in plus 3 scale
+  roundings each) and once more in the sum; ``(1 + gamma_a)(1 + gamma_b)
+  <= 1 + gamma_{a+b}`` lets one ``gamma`` cover them all.
+  """
+  if isinstance(op, linear_maps.ResidualOp):
+    return sum(_fan_in(p) + 3 for p in op.primitives()) + 1
   return int(math.prod(np.shape(op.weight)[:-1]))
 
 
@@ -290,7 +307,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
                   progress: bool = False,
                   layer_norms_out: dict | None = None,
-                  deterministic: bool = False) -> NormCertificate:
+                  deterministic: bool = False,
+                  layer_norms_in: dict | None = None) -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -308,6 +326,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       single-layer products (for :func:`class_row_factor`).
     deterministic: the products without exact norms get a bound by proof
       (:func:`lipjax.deterministic.split_bound`) instead of Lanczos.
+    layer_norms_in: ``{k: upper bound on ||W_k||}`` for the rounding
+      allowances, where the products do not include layer ``k`` alone.
 
   Returns:
     A :class:`NormCertificate`.
@@ -339,7 +359,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   norms, upper = np.zeros(len(products)), np.zeros(len(products))
   steps = np.zeros(len(products), np.int64)
   epsilons, deltas = np.zeros(len(products)), np.zeros(len(products))
-  layer_norms = {}  # Certified single-layer norms, for the allowances.
+  # Certified single-layer norms, for the allowances.
+  layer_norms = dict(layer_norms_in or {})
   splits, segment_cache = {}, {}
 
   def exact_certified(product, value):

@@ -1,0 +1,247 @@
+"""Naive and LipLT bounds of residual networks (docs/residual.md).
+
+With ``phi = a id + c psi`` at every node, the pre-activation of node ``k``
+is ``z_k = G(0, k) x + sum_{j<k} G(j+1, k) c psi(z_j)`` (biases aside), so
+
+  ``m_k = ||G(0, k)|| + c sum_{j<k} ||G(j+1, k)|| m_j``
+
+bounds its Lipschitz constant, and the logits' class rows ``r`` (``e_i`` or
+``e_i - e_j``) get ``||r^T G(0, N-1)|| + c sum_j ||r^T G(j+1, N-1)|| m_j``
+with exact row norms. On a plain chain this is the chain's LipLT bound
+(``G(s, e) = a^(e-s) W_e ... W_s``); through a residual block the maps hold
+sums such as ``S + a W_1 W_0``, which is where it beats the product of
+per-block bounds. The maps ``G(s, e)`` come from
+:mod:`lipjax.residual_graph` as chains of ops, so their norms come from the
+same power iteration (training), Lanczos and exact Gram code as a plain
+network's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipjax import activations
+from lipjax import bounds as bounds_lib
+from lipjax import power_iteration
+from lipjax import residual_graph
+from lipjax.linear_maps import LinearChain
+from lipjax.residual_graph import ResidualGraph
+
+
+def required_products(graph: ResidualGraph, *, method: str, kind: str):
+  """The maps whose norms a bound needs.
+
+  Returns:
+    liplt: the ``(s, e)`` pairs of ``G(s, e)``, numbered like a chain of
+    ``num_nodes + 1`` layers; naive: ``(unit, index)`` of every single
+    weight map (:func:`lipjax.residual_graph.single_ops`), the logits layer
+    only for ``kind="global"``.
+  """
+  bounds_lib.check_method_kind(method, kind)
+  if method == "liplt":
+    return bounds_lib.required_products(graph.num_layers, method=method,
+                                        kind=kind)
+  singles = residual_graph.single_ops(graph)
+  top = len(singles) if kind == "global" else len(singles) - 1
+  return tuple((u, i) for u in range(top) for i in range(len(singles[u])))
+
+
+def norm_chains(graph: ResidualGraph, products, *,
+                method: str) -> tuple[LinearChain, ...]:
+  """One chain per needed map; its full product is the map."""
+  if method == "liplt":
+    return tuple(residual_graph.product_chain(graph, p) for p in products)
+  singles = residual_graph.single_ops(graph)
+  return tuple(LinearChain(ops=(singles[u][i],)) for u, i in products)
+
+
+def _full(chain: LinearChain) -> tuple[int, int]:
+  return (0, chain.num_layers - 1)
+
+
+def _class_row_norms(graph: ResidualGraph, kind: str) -> list:
+  """``||r^T G(s, N-1)||`` for every source ``s`` (``[R]`` each)."""
+  last = graph.units[-1].ops[0]
+  k = graph.num_classes
+  rows = jnp.eye(k, dtype=last.weight.dtype).reshape((k,) + last.out_shape)
+  back = residual_graph.class_rows_back(graph, rows)
+  first, second = bounds_lib._pair_indices(k)  # pylint: disable=protected-access
+  if kind == "pairwise":
+    return [power_iteration._row_norms(b[first] - b[second]) for b in back]  # pylint: disable=protected-access
+  return [power_iteration._row_norms(b) for b in back]  # pylint: disable=protected-access
+
+
+def node_bounds(norms, products, slopes, count: int) -> list:
+  """``m_0 .. m_{count-1}``: Lipschitz bounds of the node pre-activations."""
+  _, c = activations.loop_transformation(slopes)
+  index = {tuple(p): i for i, p in enumerate(products)}
+  m = []
+  for k in range(count):
+    m_k = norms[index[(0, k)]]
+    for j in range(k):
+      m_k = m_k + c * norms[index[(j + 1, k)]] * m[j]
+    m.append(m_k)
+  return m
+
+
+def liplt_bound(graph: ResidualGraph, norms, *, kind: str,
+                diagonal: float = 0.0,
+                large_class_threshold: int = (
+                    bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD)):
+  """The loop-transformed bound from the norms of ``required_products``.
+
+  Traceable; the norms must be upper bounds for the result to be sound.
+  Pairwise bounds with more classes than ``large_class_threshold`` use
+  ``||w_i - w_j|| Lip(phi) m_last`` (the last node must feed the logits
+  layer through its activation).
+  """
+  n = graph.num_nodes
+  products = required_products(graph, method="liplt", kind=kind)
+  _, c = activations.loop_transformation(graph.slopes)
+  if kind == "global":
+    return node_bounds(norms, products, graph.slopes, n + 1)[-1]
+  m = node_bounds(norms, products, graph.slopes, n)
+  if kind == "pairwise" and graph.num_classes > large_class_threshold:
+    return _large_class_bound(graph, m, diagonal)
+  g = _class_row_norms(graph, kind)
+  values = g[0]
+  for j in range(n):
+    values = values + c * g[j + 1] * m[j]
+  return bounds_lib._assemble(values, kind, graph.num_classes, diagonal)  # pylint: disable=protected-access
+
+
+def _large_class_bound(graph: ResidualGraph, m, diagonal: float):
+  before = graph.units[-2] if len(graph.units) > 1 else None
+  if before is None or before.kind == "residual":
+    raise ValueError(
+        "The large-class pairwise fallback needs an activated plain layer "
+        "before the logits; raise large_class_threshold above the number of "
+        "classes to use exact class rows.")
+  last = graph.units[-1].ops[0]
+  k = graph.num_classes
+  rows = last.transpose(jnp.eye(k, dtype=last.weight.dtype))
+  first, second = bounds_lib._pair_indices(k)  # pylint: disable=protected-access
+  values = power_iteration._row_norms(rows[first] - rows[second])  # pylint: disable=protected-access
+  gain = activations.lipschitz_constant(graph.slopes)
+  return bounds_lib._assemble(values * (gain * m[-1]), "pairwise", k,  # pylint: disable=protected-access
+                              diagonal)
+
+
+def naive_bound(graph: ResidualGraph, norms, *, kind: str,
+                diagonal: float = 0.0):
+  """Product of per-unit bounds; ``norms`` of ``required_products(naive)``.
+
+  A unit contributes ``Lip(phi) ||W||`` (plain), ``Lip(phi) ||I + W||``
+  (linear residual) or ``||S|| + Lip(phi)^m ||W_m|| ... ||W_0||`` (residual,
+  ``||S|| = 1`` for the identity).
+  """
+  products = required_products(graph, method="naive", kind=kind)
+  lip = activations.lipschitz_constant(graph.slopes)
+  by_unit = {}
+  for (u, i), value in zip(products, norms):
+    by_unit.setdefault(u, []).append(value)
+  total = jnp.asarray(1.0, graph.units[-1].ops[0].weight.dtype)
+  for u, values in sorted(by_unit.items()):
+    unit = graph.units[u]
+    if unit.kind == "residual":
+      inner = lip**(len(unit.ops) - 1) * math.prod(values[:len(unit.ops)])
+      shortcut = values[-1] if unit.shortcut is not None else 1.0
+      total = total * (shortcut + inner)
+    elif unit.activated:
+      total = total * lip * values[0]
+    else:
+      total = total * values[0]
+  if kind == "global":
+    return total
+  g = _class_row_norms_last(graph, kind)
+  return bounds_lib._assemble(g * total, kind, graph.num_classes, diagonal)  # pylint: disable=protected-access
+
+
+def _class_row_norms_last(graph: ResidualGraph, kind: str):
+  last = graph.units[-1].ops[0]
+  k = graph.num_classes
+  rows = last.transpose(jnp.eye(k, dtype=last.weight.dtype).reshape(
+      (k,) + last.out_shape))
+  if kind == "pairwise":
+    first, second = bounds_lib._pair_indices(k)  # pylint: disable=protected-access
+    rows = rows[first] - rows[second]
+  return power_iteration._row_norms(rows)  # pylint: disable=protected-access
+
+
+def bound_from_norms(graph: ResidualGraph, norms, *, method: str, kind: str,
+                     diagonal: float = 0.0,
+                     large_class_threshold: int = (
+                         bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD)):
+  """Dispatches to :func:`naive_bound` or :func:`liplt_bound`."""
+  expected = len(required_products(graph, method=method, kind=kind))
+  if tuple(np.shape(norms)) != (expected,):
+    raise ValueError(f"Expected {expected} norms for method={method}, "
+                     f"kind={kind}, got shape {np.shape(norms)}.")
+  if method == "naive":
+    return naive_bound(graph, norms, kind=kind, diagonal=diagonal)
+  return liplt_bound(graph, norms, kind=kind, diagonal=diagonal,
+                     large_class_threshold=large_class_threshold)
+
+
+# ----------------------------------------------------------------------------
+# Training: warm-started power iteration, one state per map.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ResidualPowerState:
+  """Power-iteration vectors of a residual network's maps.
+
+  Attributes:
+    states: one :class:`~lipjax.power_iteration.PowerState` per map, each
+      for the full product of its chain.
+    products: the maps, as :func:`required_products` lists them (static).
+  """
+  states: tuple[power_iteration.PowerState, ...]
+  products: tuple = dataclasses.field(metadata=dict(static=True))
+
+
+def init_power_state(graph: ResidualGraph, *, method: str, kind: str,
+                     key: jax.Array) -> ResidualPowerState:
+  """Fresh unit vectors for every map of the bound."""
+  products = required_products(graph, method=method, kind=kind)
+  chains = norm_chains(graph, products, method=method)
+  keys = jax.random.split(key, max(len(chains), 1))
+  states = tuple(power_iteration.init(chain, (_full(chain),), k)
+                 for chain, k in zip(chains, keys))
+  return ResidualPowerState(states=states, products=products)
+
+
+def training_bound(graph: ResidualGraph, state: ResidualPowerState,
+                   iterations: int, *, method: str, kind: str,
+                   diagonal: float, safety_factor, large_class_threshold):
+  """``iterations`` warm steps per map and the differentiable estimate.
+
+  Returns:
+    ``(bound, state)``; not a certificate (power iteration estimates norms
+    from below).
+  """
+  products = required_products(graph, method=method, kind=kind)
+  if state.products != products:
+    raise ValueError(
+        f"The power-iteration state holds maps {state.products}, but a "
+        f"{method} {kind} bound of this network needs {products}. Create it "
+        "with lipjax.init_power_state(network, method=..., kind=...).")
+  chains = norm_chains(graph, products, method=method)
+  factor = 1.0 if safety_factor is None else float(safety_factor)
+  states, norms = [], []
+  for chain, s in zip(chains, state.states):
+    s = power_iteration.iterate(chain, s, iterations)
+    states.append(s)
+    norms.append(power_iteration.estimate(chain, s)[0] * factor)
+  dtype = graph.units[-1].ops[0].weight.dtype
+  norms = jnp.stack(norms) if norms else jnp.zeros((0,), dtype)
+  value = bound_from_norms(graph, norms, method=method, kind=kind,
+                           diagonal=diagonal,
+                           large_class_threshold=large_class_threshold)
+  return value, dataclasses.replace(state, states=tuple(states))

@@ -1,0 +1,243 @@
+"""Certified bounds of residual networks: every map's norm certified.
+
+Each map ``G(s, e)`` of :mod:`lipjax.residual_bounds` is a chain of ops, and
+:func:`lipjax.norm_certificates.certify_norms` certifies its norm exactly as
+it certifies a plain network's product: an exact float64 Gram norm, float64
+Lanczos from a random start with failure probability ``delta / P``
+(a union bound over the ``P`` Lanczos maps), or a bound by proof in the
+deterministic mode. The recursion and the class rows then run in float64
+and the result is rounded up to float32.
+
+Rounding of the folded scales (docs/residual.md#rounding): the stem's
+``1/std`` multiplies every map that contains it from the right, so raising
+it by :data:`lipjax.linear_maps.SCALE_ROUNDING` covers it (as for plain
+networks). A batch-norm scale inside a block sits in a sum ``S + a W_1
+W_0``, whose norm is not monotone in it; there each norm gets the additive
+allowance ``((1 + r)^q - 1) prod_k |||op_k|||`` instead, ``q`` the number of
+scales in the map and ``|||.|||`` :func:`lipjax.norm_certificates.abs_norm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipjax import deterministic as deterministic_lib
+from lipjax import exact as exact_lib
+from lipjax import lanczos
+from lipjax import linear_maps
+from lipjax import norm_certificates
+from lipjax import residual_bounds
+from lipjax import residual_graph
+from lipjax.progress import progress_bar
+from lipjax.residual_graph import ResidualGraph
+
+
+def _to_float64(graph: ResidualGraph) -> ResidualGraph:
+  """Numpy float64 copy; the stem's input scale raised (see module doc)."""
+  def f64(op):
+    cast = lambda a: None if a is None else np.asarray(a, np.float64)
+    return dataclasses.replace(op, weight=cast(op.weight),
+                               in_scale=cast(op.in_scale),
+                               out_scale=cast(op.out_scale))
+
+  units = []
+  for k, unit in enumerate(graph.units):
+    ops = tuple(f64(op) for op in unit.ops)
+    if k == 0 and ops[0].in_scale is not None:
+      ops = (dataclasses.replace(ops[0], in_scale=ops[0].in_scale * (
+          1.0 + linear_maps.SCALE_ROUNDING)),) + ops[1:]
+    units.append(dataclasses.replace(
+        unit, ops=ops,
+        shortcut=None if unit.shortcut is None else f64(unit.shortcut)))
+  return dataclasses.replace(graph, units=tuple(units))
+
+
+def has_inner_scales(graph: ResidualGraph) -> bool:
+  """Whether any weight map has a folded output scale (batch norm)."""
+  return any(op.out_scale is not None for unit in graph.units
+             for op in unit.primitives())
+
+
+def scale_allowance(chain, inner_scales: bool) -> float:
+  """The additive allowance of a map for the rounding of inner scales."""
+  if not inner_scales:
+    return 0.0
+  count = sum(2 * len(linear_maps.primitive_ops(op)) for op in chain.ops)
+  rho = (1.0 + linear_maps.SCALE_ROUNDING)**count - 1.0
+  return rho * math.prod(norm_certificates.abs_norm(op) for op in chain.ops)
+
+
+def op_bounds(chain) -> dict:
+  """``{k: upper bound on ||op_k||}`` by proof, for rounding allowances
+  (products of these, not of the far larger entrywise-absolute norms)."""
+  return {k: deterministic_lib.op_upper_bound(op)
+          for k, op in enumerate(chain.ops)}
+
+
+def _use_exact(chains, exact, deterministic: bool, max_exact_bytes: int):
+  out = []
+  for chain in chains:
+    full = (0, chain.num_layers - 1)
+    if exact == "auto" or deterministic:
+      out.append(exact_lib.fits(chain, full, max_exact_bytes))
+    else:
+      out.append(bool(exact))
+  return np.asarray(out, bool)
+
+
+def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
+                 target_factor, max_steps, max_exact_bytes, deterministic,
+                 progress) -> norm_certificates.NormCertificate:
+  """Certified norms of every map; one certificate for all of them."""
+  randomized = int(np.sum(~use_exact)) if not deterministic else 0
+  seed = lanczos.fresh_seed() if seed is None and randomized else seed
+  delta_each = delta / randomized if randomized else delta
+  inner = has_inner_scales(graph64)
+  bar = progress_bar(total=len(chains), initial=0,
+                     description="residual map norms", enabled=progress)
+  parts = []
+  for chain, exact in zip(chains, use_exact):
+    bar.set_postfix_str(f"{chain.num_layers} ops")
+    part = norm_certificates.certify_norms(
+        chain, [(0, chain.num_layers - 1)], use_exact=[exact],
+        delta=delta_each, seed=seed, target_factor=target_factor,
+        max_steps=max_steps, max_exact_bytes=max_exact_bytes,
+        deterministic=deterministic, layer_norms_in=op_bounds(chain))
+    parts.append((part, scale_allowance(chain, inner)))
+    bar.update(1)
+  bar.close()
+  return _combine(parts, seed)
+
+
+def _combine(parts, seed) -> norm_certificates.NormCertificate:
+  """One certificate from per-map ones (map ``p`` numbered ``(p, p)``)."""
+  def stack(name):
+    return np.concatenate([getattr(p, name) for p, _ in parts])
+  norms = stack("norms")
+  upper = stack("upper") + np.asarray([a for _, a in parts])
+  sources = tuple(s for p, _ in parts for s in p.sources)
+  deltas = stack("deltas")
+  return norm_certificates.NormCertificate(
+      products=tuple((i, i) for i in range(len(parts))), norms=norms,
+      upper=upper,
+      factors=np.where(norms > 0, upper / np.where(norms > 0, norms, 1.0),
+                       1.0),
+      sources=sources, dims=stack("dims"), steps=stack("steps"),
+      epsilons=stack("epsilons"), deltas=deltas, delta=float(deltas.sum()),
+      seed=seed if "lanczos" in sources else None)
+
+
+def class_row_factor(graph64: ResidualGraph, *, kind: str,
+                     large_class_threshold: int) -> float:
+  """``1 + max_s allowance_s / g_s`` for the float64 class-row norms.
+
+  As :func:`lipjax.norm_certificates.class_row_factor`: each row norm
+  ``g_s = ||r^T G(s, N-1)||`` is computed in float64, off by at most
+  ``||r||`` times the map's one-sweep error bound (plus its scale
+  allowance); the bound is a nonnegative combination of the ``g_s``.
+  """
+  if kind == "global":
+    return 1.0
+  n = graph64.num_nodes
+  inner = has_inner_scales(graph64)
+  fallback = (kind == "pairwise"
+              and graph64.num_classes > large_class_threshold)
+  sources = [n] if fallback else range(n + 1)
+  with jax.enable_x64(True):
+    if fallback:
+      last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
+      rows = [None] * n + [np.asarray(residual_bounds._class_row_norms_last(  # pylint: disable=protected-access
+          graph64, kind))]
+      chains = {n: last}
+    else:
+      rows = [np.asarray(r) for r in residual_bounds._class_row_norms(  # pylint: disable=protected-access
+          graph64, kind)]
+      chains = {s: residual_graph.product_chain(graph64, (s, n))
+                for s in sources}
+  row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
+  worst = 0.0
+  for s in sources:
+    chain = chains[s]
+    full = (0, chain.num_layers - 1)
+    sweep = norm_certificates._sweep_error(chain, full, op_bounds(chain))[1]  # pylint: disable=protected-access
+    allowance = row_norm * (sweep + scale_allowance(chain, inner))
+    smallest = float(np.min(rows[s])) if rows[s].size else math.inf
+    worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
+  return 1.0 + worst
+
+
+@functools.partial(jax.jit, static_argnames=("method", "kind", "diagonal",
+                                             "large_class_threshold"))
+def _bound_jit(graph, norms, *, method, kind, diagonal,
+               large_class_threshold):
+  return residual_bounds.bound_from_norms(
+      graph, norms, method=method, kind=kind, diagonal=diagonal,
+      large_class_threshold=large_class_threshold)
+
+
+def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
+                    exact, deterministic: bool, delta: float, seed,
+                    target_factor: float, max_steps: int,
+                    safety_factor, diagonal: float,
+                    large_class_threshold: int, max_exact_bytes: int,
+                    progress: bool):
+  """The certified bound of a residual network.
+
+  Returns:
+    ``(value, certificate, products)``: float32 numpy bound (rounded up),
+    the :class:`~lipjax.norm_certificates.NormCertificate` of the maps and
+    the maps' keys (:func:`lipjax.residual_bounds.required_products`).
+  """
+  from lipjax import api  # pylint: disable=import-outside-toplevel
+  graph64 = _to_float64(graph)
+  products = residual_bounds.required_products(graph64, method=method,
+                                               kind=kind)
+  chains = residual_bounds.norm_chains(graph64, products, method=method)
+  for chain in chains:
+    norm_certificates.check_finite(chain)
+  use_exact = _use_exact(chains, exact, deterministic, max_exact_bytes)
+  if safety_factor is not None and not use_exact.all():
+    raise ValueError(
+        "safety_factor replaces the factor of exact norms only (exact=True); "
+        "the randomized certificate sets its own factor from delta.")
+  certificate = certify_maps(
+      graph64, chains, use_exact=use_exact, delta=delta, seed=seed,
+      target_factor=target_factor, max_steps=max_steps,
+      max_exact_bytes=max_exact_bytes, deterministic=deterministic,
+      progress=progress)
+  upper = certificate.upper
+  if safety_factor is not None:
+    upper = certificate.norms * float(safety_factor)
+  with jax.enable_x64(True):
+    value64 = np.asarray(_bound_jit(
+        graph64, jnp.asarray(upper, jnp.float64), method=method, kind=kind,
+        diagonal=float(diagonal),
+        large_class_threshold=int(large_class_threshold)))
+  factor = 1.0 if method == "naive" and kind == "global" else (
+      class_row_factor(graph64, kind=kind,
+                       large_class_threshold=large_class_threshold)
+      if method == "liplt" else _naive_row_factor(graph64, kind))
+  value = api.round_up_to_float32(value64 * factor)
+  if kind == "pairwise":
+    np.fill_diagonal(value, np.float32(diagonal))
+  return value, certificate, products
+
+
+def _naive_row_factor(graph64: ResidualGraph, kind: str) -> float:
+  """The class-row rounding factor of the naive bound (logits layer only)."""
+  if kind == "global":
+    return 1.0
+  last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
+  with jax.enable_x64(True):
+    rows = np.asarray(residual_bounds._class_row_norms_last(graph64, kind))  # pylint: disable=protected-access
+  row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
+  allowance = row_norm * norm_certificates._sweep_error(  # pylint: disable=protected-access
+      last, (0, 0), op_bounds(last))[1]
+  smallest = float(np.min(rows))
+  return 1.0 + (allowance / smallest if smallest > 0 else math.inf)
