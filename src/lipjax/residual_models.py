@@ -41,49 +41,60 @@ def _block(features, activations_=1, stride=1, kernel=3):
 
 
 def residual_spec(blocks_per_stage: Sequence[int], widths: Sequence[int], *,
-                  inner_activations: int = 1, hidden: int = 512) -> tuple:
+                  inner_activations: int = 1, hidden: int = 512,
+                  downsample: str = "conv") -> tuple:
   """A stem conv, residual stages, a dense head.
 
-  Stage ``i`` has ``blocks_per_stage[i]`` blocks of width ``widths[i]``;
-  every stage after the first starts with a stride-2 block (a projection
-  shortcut).
+  Every stage halves the resolution first: with ``downsample="conv"`` by a
+  plain ``4x4`` stride-2 conv to the stage's width (as 4C3F does), with
+  ``"block"`` by a stride-2 residual block with a projection shortcut.
 
   Args:
-    blocks_per_stage: number of residual blocks per stage.
+    blocks_per_stage: number of residual blocks per stage (a ``"block"``
+      downsampling counts as the stage's first).
     widths: channels per stage (the stem has ``widths[0]``).
     inner_activations: 1 or 2 activations inside each block.
     hidden: width of the hidden dense layer of the head.
+    downsample: ``"conv"`` or ``"block"``.
   """
+  if downsample not in ("conv", "block"):
+    raise ValueError(f"downsample must be 'conv' or 'block', got "
+                     f"{downsample!r}.")
   spec = [("conv", widths[0], 3, 1, 1)]
-  for stage, (count, width) in enumerate(zip(blocks_per_stage, widths)):
-    for b in range(count):
-      stride = 2 if stage > 0 and b == 0 else 1
-      spec.append(_block(width, inner_activations, stride))
+  for count, width in zip(blocks_per_stage, widths):
+    if downsample == "conv":
+      spec.append(("conv", width, 4, 2, 1))
+      spec += [_block(width, inner_activations)] * count
+    else:
+      spec.append(_block(width, inner_activations, stride=2))
+      spec += [_block(width, inner_activations)] * (count - 1)
   return tuple(spec) + (("dense", hidden), ("dense", None))
 
 
 def linear_residual_spec(blocks_per_stage: Sequence[int],
                          widths: Sequence[int], *, hidden: int = 512
                          ) -> tuple:
-  """LiResNet style: a stem conv, linear residual blocks, strided convs.
+  """LiResNet style: linear residual blocks between strided convs.
 
-  Between stages a plain ``4x4`` stride-2 conv changes the width and halves
-  the resolution.
+  A stem conv, then per stage a plain ``4x4`` stride-2 conv to the stage's
+  width followed by its linear residual blocks.
   """
   spec = [("conv", widths[0], 3, 1, 1)]
-  for stage, (count, width) in enumerate(zip(blocks_per_stage, widths)):
-    if stage > 0:
-      spec.append(("conv", width, 4, 2, 1))
+  for count, width in zip(blocks_per_stage, widths):
+    spec.append(("conv", width, 4, 2, 1))
     spec += [("linear_residual", 3)] * count
   return tuple(spec) + (("dense", hidden), ("dense", None))
 
 
 ARCHITECTURES = {
-    # Two stages of two one-activation blocks: the 4C3F budget.
+    # 4C3F's layout (28 -> 14 -> 7 with strided convs, widths 32 and 64)
+    # with two one-activation residual blocks at each resolution.
     "ResNet4": residual_spec((2, 2), (32, 64)),
     "ResNet8": residual_spec((4, 4), (32, 64)),
     # Two activations inside every block.
     "ResNet4x2": residual_spec((2, 2), (32, 64), inner_activations=2),
+    # Downsampling by stride-2 blocks with 1x1 projection shortcuts.
+    "ResNet4P": residual_spec((2, 2), (32, 64), downsample="block"),
     "LiResNet4": linear_residual_spec((2, 2), (32, 64)),
 }
 

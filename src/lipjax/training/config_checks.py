@@ -17,9 +17,11 @@ import ml_collections
 from lipjax import activations
 from lipjax import bounds
 from lipjax import models
+from lipjax import residual_models
 
 _CHOICES = {
-    "model.architecture": tuple(models.ARCHITECTURES),
+    "model.architecture": (tuple(models.ARCHITECTURES)
+                           + tuple(residual_models.ARCHITECTURES)),
     "model.activation": activations.ACTIVATIONS,
     "bound.method": bounds.METHODS,
     "bound.kind": bounds.KINDS,
