@@ -10,6 +10,11 @@ r0 = 0.2 is 0.1. eval.eps lists both the reference's 0.141 (normalized) as
 0.0706 pixels and GloRo's 36/255 pixels. To reproduce the reference's
 training exactly, r0 = 0.1 and train_eps = 0.1551 / 2 are set below. Recipes
 and units: docs/training.md#recipes, docs/bounds.md#units.
+
+A residual network (ResNet6: 6C2F's three stride-2 stages with two residual
+blocks each, docs/residual.md) in place of 6C2F, same recipe:
+
+  python train.py --config configs/cifar10.py:resnet6 --workdir runs/c10_resnet6
 """
 
 from configs import default
@@ -17,7 +22,13 @@ from configs import default
 REFERENCE_EPS_NORMALIZED = 0.141
 
 
-def get_config():
+VARIANTS = ("full", "resnet6")
+
+
+def get_config(variant: str = "full"):
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r}; choose one of "
+                     f"{VARIANTS}.")
   c = default.get_config()
   c.data.name = "cifar10"
   c.data.augment.hflip = True
@@ -35,4 +46,6 @@ def get_config():
   c.optimizer.decay_start_epoch = 200
   c.batch_size, c.num_epochs = 512, 400
   c.eval.eps = (REFERENCE_EPS_NORMALIZED / 2, 36 / 255)
+  if variant == "resnet6":
+    c.model.architecture = "ResNet6"
   return c

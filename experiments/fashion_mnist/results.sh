@@ -7,7 +7,8 @@
 #   TFDS_DATA_DIR=../shared/tensorflow_datasets experiments/fashion_mnist/results.sh [OUTDIR] [LOSS ...]
 #
 # LOSS is any of crm gloro ce (default: all three, one after the other; on a
-# 2-core CPU each takes 30-55 min). TRAIN_ARGS and CERTIFY_ARGS (environment)
+# 2-core CPU each takes 30-55 min), or resnet4: CRM on the residual ResNet4
+# (docs/residual.md) with the same budget. TRAIN_ARGS and CERTIFY_ARGS (environment)
 # add flags to every train.py / certify.py call, e.g. a smoke test:
 #   TRAIN_ARGS=--config.num_epochs=1 CERTIFY_ARGS=--num_examples=64 results.sh /tmp/r crm Training resumes from the workdir's last
 # checkpoint if interrupted; a finished run is not retrained, only
@@ -24,8 +25,9 @@ mkdir -p "$out"
 for loss in "${losses[@]}"; do
   case "$loss" in
     crm) variant=cpu ;;
-    gloro|ce) variant="cpu,$loss" ;;
-    *) echo "unknown loss '$loss': use crm, gloro or ce" >&2; exit 2 ;;
+    gloro|ce|resnet4) variant="cpu,$loss" ;;
+    *) echo "unknown loss '$loss': use crm, gloro, ce or resnet4" >&2
+       exit 2 ;;
   esac
   workdir="$out/$loss"
   if grep -qs '"test/clean_accuracy"' "$workdir/metrics.jsonl"; then

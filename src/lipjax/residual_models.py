@@ -91,6 +91,8 @@ ARCHITECTURES = {
     # with two one-activation residual blocks at each resolution.
     "ResNet4": residual_spec((2, 2), (32, 64)),
     "ResNet8": residual_spec((4, 4), (32, 64)),
+    # 6C2F's layout (three stride-2 stages; CIFAR-10) with two blocks each.
+    "ResNet6": residual_spec((2, 2, 2), (32, 64, 64)),
     # Two activations inside every block.
     "ResNet4x2": residual_spec((2, 2), (32, 64), inner_activations=2),
     # Downsampling by stride-2 blocks with 1x1 projection shortcuts.
