@@ -409,9 +409,11 @@ def with_scales_rounded_up(chain: LinearChain) -> LinearChain:
   The model's folded scales (``1 / std``, batch norm's multiplier) are
   float32 results of a division or a reciprocal square root, so they may sit
   a few ulps below the exact values the deployed network divides by. Scaling
-  each by ``1 + SCALE_ROUNDING`` (exact in float64) makes every norm of the
-  chain an upper bound for the network: a norm is monotone in the magnitude
-  of each diagonal scale.
+  each by ``1 + SCALE_ROUNDING`` (exact in float64) makes a norm an upper
+  bound when the scale sits at an end of the product (``||A D||`` and ``||D
+  A||`` grow with ``|D|``). Scales inside a product (batch norm between two
+  layers) are covered by
+  :func:`lipjax.norm_certificates.interior_scale_allowance` instead.
   """
   def raise_(scale):
     if scale is None:

@@ -208,6 +208,41 @@ def _sweep_error(chain, product, layer_norms: dict) -> tuple[float, float]:
   return scale, scale * total
 
 
+def interior_scale_allowance(chain, product, layer_norms: dict, *,
+                             row_on_left: bool = False) -> float:
+  """Covers the rounding of per-channel scales *inside* a product.
+
+  :func:`lipjax.linear_maps.with_scales_rounded_up` raises every folded
+  scale by ``r``; that bounds a norm only for the scales at the product's
+  ends (``||A D||`` and ``||D A||`` grow with ``|D|``), not for one between
+  two layers (``[1, 1] diag(d) [1, -1]^T = d_1 - d_2`` can shrink). With
+  the exact scale within ``2 r`` of the raised one, every op ``k`` is off by
+  at most ``((1 + 2r)^q_k - 1) n_k``, so the product by at most ``((1 +
+  2r)^q - 1) prod n_k``, ``q`` its number of scales. Zero without interior
+  scales (no batch norm: the input scale is always at the right end).
+
+  Args:
+    chain: the chain (with raised scales).
+    product: ``(s, e)``.
+    layer_norms: ``{k: n_k}`` upper bounds on the single-layer norms; a
+      missing layer uses :func:`abs_norm`.
+    row_on_left: a class row multiplies the product from the left (then
+      layer ``e``'s output scale is inside too).
+  """
+  s, e = product
+  inside = [op.out_scale is not None for op in chain.ops[s:e + 1]]
+  if not row_on_left:
+    inside = inside[:-1]
+  if not any(inside):
+    return 0.0
+  count = sum((op.in_scale is not None) + (op.out_scale is not None)
+              for op in chain.ops[s:e + 1])
+  norms = [layer_norms.get(k, abs_norm(chain.ops[k]))
+           for k in range(s, e + 1)]
+  rho = (1.0 + 2.0 * linear_maps.SCALE_ROUNDING)**count - 1.0
+  return rho * math.prod(norms)
+
+
 def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
   """Exact norms, one product at a time so that the bar names it."""
   sizes = [exact_lib.gram_size(chain, p) for p in products]
@@ -258,7 +293,10 @@ def class_row_factor(chain, *, kind: str, layer_norms: dict,
   row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
   worst = 0.0
   for s_ in range(first, n):
-    allowance = row_norm * _sweep_error(chain, (s_, n - 1), layer_norms)[1]
+    allowance = row_norm * (
+        _sweep_error(chain, (s_, n - 1), layer_norms)[1]
+        + interior_scale_allowance(chain, (s_, n - 1), layer_norms,
+                                   row_on_left=True))
     smallest = float(np.min(rows[s_])) if rows[s_].size else math.inf
     worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
   return 1.0 + worst
@@ -308,7 +346,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   progress: bool = False,
                   layer_norms_out: dict | None = None,
                   deterministic: bool = False,
-                  layer_norms_in: dict | None = None) -> NormCertificate:
+                  layer_norms_in: dict | None = None,
+                  interior_scales: bool = True) -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -328,6 +367,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       (:func:`lipjax.deterministic.split_bound`) instead of Lanczos.
     layer_norms_in: ``{k: upper bound on ||W_k||}`` for the rounding
       allowances, where the products do not include layer ``k`` alone.
+    interior_scales: add :func:`interior_scale_allowance` to the products
+      with scales inside (False: the caller accounts for its scales).
 
   Returns:
     A :class:`NormCertificate`.
@@ -391,6 +432,9 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
     upper[i] = certified
     if products[i][0] == products[i][1]:
       layer_norms[products[i][0]] = certified
+  if interior_scales:
+    upper = upper + np.asarray([interior_scale_allowance(
+        chain, p, layer_norms) for p in products])
   if not np.all(np.isfinite(upper)) or np.any(norms < 0):
     raise ValueError(f"A product norm came out non-finite or negative "
                      f"({norms}); refusing to certify with it.")

@@ -92,13 +92,20 @@ def node_bounds(norms, products, slopes, count: int) -> list:
 def liplt_bound(graph: ResidualGraph, norms, *, kind: str,
                 diagonal: float = 0.0,
                 large_class_threshold: int = (
-                    bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD)):
+                    bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD),
+                row_allowances=None):
   """The loop-transformed bound from the norms of ``required_products``.
 
   Traceable; the norms must be upper bounds for the result to be sound.
   Pairwise bounds with more classes than ``large_class_threshold`` use
   ``||w_i - w_j|| Lip(phi) m_last`` (the last node must feed the logits
   layer through its activation).
+
+  Args:
+    row_allowances: optional ``[num_nodes + 1]``, added to every class-row
+      norm ``||r^T G(s, N-1)||`` of source ``s`` (certification: their
+      float64 evaluation and scale-rounding errors). Additive, so that a
+      row norm of exactly 0 (e.g. ``a = 0``) stays usable.
   """
   n = graph.num_nodes
   products = required_products(graph, method="liplt", kind=kind)
@@ -107,15 +114,19 @@ def liplt_bound(graph: ResidualGraph, norms, *, kind: str,
     return node_bounds(norms, products, graph.slopes, n + 1)[-1]
   m = node_bounds(norms, products, graph.slopes, n)
   if kind == "pairwise" and graph.num_classes > large_class_threshold:
-    return _large_class_bound(graph, m, diagonal)
+    extra = 0.0 if row_allowances is None else row_allowances[n]
+    return _large_class_bound(graph, m, diagonal, extra)
   g = _class_row_norms(graph, kind)
+  if row_allowances is not None:
+    g = [g_s + row_allowances[s] for s, g_s in enumerate(g)]
   values = g[0]
   for j in range(n):
     values = values + c * g[j + 1] * m[j]
   return bounds_lib._assemble(values, kind, graph.num_classes, diagonal)  # pylint: disable=protected-access
 
 
-def _large_class_bound(graph: ResidualGraph, m, diagonal: float):
+def _large_class_bound(graph: ResidualGraph, m, diagonal: float,
+                       row_allowance=0.0):
   before = graph.units[-2] if len(graph.units) > 1 else None
   if before is None or before.kind == "residual":
     raise ValueError(
@@ -126,19 +137,21 @@ def _large_class_bound(graph: ResidualGraph, m, diagonal: float):
   k = graph.num_classes
   rows = last.transpose(jnp.eye(k, dtype=last.weight.dtype))
   first, second = bounds_lib._pair_indices(k)  # pylint: disable=protected-access
-  values = power_iteration._row_norms(rows[first] - rows[second])  # pylint: disable=protected-access
+  values = power_iteration._row_norms(  # pylint: disable=protected-access
+      rows[first] - rows[second]) + row_allowance
   gain = activations.lipschitz_constant(graph.slopes)
   return bounds_lib._assemble(values * (gain * m[-1]), "pairwise", k,  # pylint: disable=protected-access
                               diagonal)
 
 
 def naive_bound(graph: ResidualGraph, norms, *, kind: str,
-                diagonal: float = 0.0):
+                diagonal: float = 0.0, row_allowance=0.0):
   """Product of per-unit bounds; ``norms`` of ``required_products(naive)``.
 
   A unit contributes ``Lip(phi) ||W||`` (plain), ``Lip(phi) ||I + W||``
   (linear residual) or ``||S|| + Lip(phi)^m ||W_m|| ... ||W_0||`` (residual,
-  ``||S|| = 1`` for the identity).
+  ``||S|| = 1`` for the identity). ``row_allowance`` is added to the
+  logits layer's class-row norms (see :func:`liplt_bound`).
   """
   products = required_products(graph, method="naive", kind=kind)
   lip = activations.lipschitz_constant(graph.slopes)
@@ -158,7 +171,7 @@ def naive_bound(graph: ResidualGraph, norms, *, kind: str,
       total = total * values[0]
   if kind == "global":
     return total
-  g = _class_row_norms_last(graph, kind)
+  g = _class_row_norms_last(graph, kind) + row_allowance
   return bounds_lib._assemble(g * total, kind, graph.num_classes, diagonal)  # pylint: disable=protected-access
 
 
@@ -176,16 +189,24 @@ def _class_row_norms_last(graph: ResidualGraph, kind: str):
 def bound_from_norms(graph: ResidualGraph, norms, *, method: str, kind: str,
                      diagonal: float = 0.0,
                      large_class_threshold: int = (
-                         bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD)):
-  """Dispatches to :func:`naive_bound` or :func:`liplt_bound`."""
+                         bounds_lib.DEFAULT_LARGE_CLASS_THRESHOLD),
+                     row_allowances=None):
+  """Dispatches to :func:`naive_bound` or :func:`liplt_bound`.
+
+  ``row_allowances``: see :func:`liplt_bound`; for the naive bound only its
+  last entry is used (the logits layer's rows).
+  """
   expected = len(required_products(graph, method=method, kind=kind))
   if tuple(np.shape(norms)) != (expected,):
     raise ValueError(f"Expected {expected} norms for method={method}, "
                      f"kind={kind}, got shape {np.shape(norms)}.")
   if method == "naive":
-    return naive_bound(graph, norms, kind=kind, diagonal=diagonal)
+    return naive_bound(graph, norms, kind=kind, diagonal=diagonal,
+                       row_allowance=(0.0 if row_allowances is None
+                                      else row_allowances[-1]))
   return liplt_bound(graph, norms, kind=kind, diagonal=diagonal,
-                     large_class_threshold=large_class_threshold)
+                     large_class_threshold=large_class_threshold,
+                     row_allowances=row_allowances)
 
 
 # ----------------------------------------------------------------------------

@@ -10,11 +10,13 @@ and the result is rounded up to float32.
 
 Rounding of the folded scales (docs/residual.md#rounding): the stem's
 ``1/std`` multiplies every map that contains it from the right, so raising
-it by :data:`lipjax.linear_maps.SCALE_ROUNDING` covers it (as for plain
-networks). A batch-norm scale inside a block sits in a sum ``S + a W_1
-W_0``, whose norm is not monotone in it; there each norm gets the additive
-allowance ``((1 + r)^q - 1) prod_k |||op_k|||`` instead, ``q`` the number of
-scales in the map and ``|||.|||`` :func:`lipjax.norm_certificates.abs_norm`.
+it by :data:`lipjax.linear_maps.SCALE_ROUNDING` covers it. A batch-norm
+scale sits inside maps (in a sum ``S + a W_1 W_0``, or between two
+layers), where a norm is not monotone in it; there each norm gets the
+additive allowance ``((1 + r)^q - 1) prod_k n_k`` instead, ``q`` the number
+of scales in the map and ``n_k`` a bound by proof on op ``k``'s norm
+(:func:`lipjax.deterministic.op_upper_bound`). Class rows get additive
+allowances too (:func:`class_row_allowances`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from lipjax import residual_bounds
 from lipjax import residual_graph
 from lipjax.progress import progress_bar
 from lipjax.residual_graph import ResidualGraph
+
+# Relative allowance for the float64 arithmetic of the recursion itself:
+# at most a few hundred roundings of nonnegative terms, each 2^-53.
+ASSEMBLY_ROUNDING = 1e-12
 
 
 def _to_float64(graph: ResidualGraph) -> ResidualGraph:
@@ -64,13 +70,24 @@ def has_inner_scales(graph: ResidualGraph) -> bool:
              for op in unit.primitives())
 
 
-def scale_allowance(chain, inner_scales: bool) -> float:
-  """The additive allowance of a map for the rounding of inner scales."""
+def scale_allowance(chain, inner_scales: bool, bounds: dict) -> float:
+  """The additive allowance of a map for the rounding of inner scales.
+
+  Each scale is within ``r`` (relative) of its exact value, so an op with
+  ``q_k`` scales is off by at most ``((1 + r)^q_k - 1) n_k`` (``n_k`` an
+  upper bound on its norm, for a residual op on ``||S|| + prod ||B_i||``),
+  and the map by at most ``((1 + r)^q - 1) prod n_k`` with ``q = sum q_k``.
+
+  Args:
+    chain: the map.
+    inner_scales: whether the network has any batch-norm scales.
+    bounds: ``{k: n_k}`` (:func:`op_bounds`).
+  """
   if not inner_scales:
     return 0.0
   count = sum(2 * len(linear_maps.primitive_ops(op)) for op in chain.ops)
   rho = (1.0 + linear_maps.SCALE_ROUNDING)**count - 1.0
-  return rho * math.prod(norm_certificates.abs_norm(op) for op in chain.ops)
+  return rho * math.prod(bounds[k] for k in range(chain.num_layers))
 
 
 def op_bounds(chain) -> dict:
@@ -104,12 +121,14 @@ def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
   parts = []
   for chain, exact in zip(chains, use_exact):
     bar.set_postfix_str(f"{chain.num_layers} ops")
+    bounds = op_bounds(chain)
     part = norm_certificates.certify_norms(
         chain, [(0, chain.num_layers - 1)], use_exact=[exact],
         delta=delta_each, seed=seed, target_factor=target_factor,
         max_steps=max_steps, max_exact_bytes=max_exact_bytes,
-        deterministic=deterministic, layer_norms_in=op_bounds(chain))
-    parts.append((part, scale_allowance(chain, inner)))
+        deterministic=deterministic, layer_norms_in=bounds,
+        interior_scales=False)  # scale_allowance below covers them.
+    parts.append((part, scale_allowance(chain, inner, bounds)))
     bar.update(1)
   bar.close()
   return _combine(parts, seed)
@@ -133,52 +152,55 @@ def _combine(parts, seed) -> norm_certificates.NormCertificate:
       seed=seed if "lanczos" in sources else None)
 
 
-def class_row_factor(graph64: ResidualGraph, *, kind: str,
-                     large_class_threshold: int) -> float:
-  """``1 + max_s allowance_s / g_s`` for the float64 class-row norms.
+def _row_allowance(chain, inner: bool, row_norm: float) -> float:
+  """How far a float64 row ``r^T M`` (``||r|| = row_norm``) may be off:
+  one sweep's rounding plus the scale allowance, times ``||r||``."""
+  bounds = op_bounds(chain)
+  full = (0, chain.num_layers - 1)
+  sweep = norm_certificates._sweep_error(chain, full, bounds)[1]  # pylint: disable=protected-access
+  return row_norm * (sweep + scale_allowance(chain, inner, bounds))
 
-  As :func:`lipjax.norm_certificates.class_row_factor`: each row norm
-  ``g_s = ||r^T G(s, N-1)||`` is computed in float64, off by at most
-  ``||r||`` times the map's one-sweep error bound (plus its scale
-  allowance); the bound is a nonnegative combination of the ``g_s``.
+
+def class_row_allowances(graph64: ResidualGraph, *, method: str, kind: str,
+                         large_class_threshold: int) -> np.ndarray:
+  """Additive allowances for the float64 class-row norms, per source.
+
+  Per-class and pairwise bounds use the exact norms ``g_s = ||r^T G(s,
+  N-1)||``, computed in float64; each is off by at most its map's
+  :func:`_row_allowance`. Added to every row norm (not a relative factor:
+  a row norm may be exactly 0, e.g. with ``a = 0``).
+
+  Returns:
+    ``[num_nodes + 1]`` float64 (zeros for ``kind="global"``); the naive
+    bound and the large-class fallback use only the last entry (the logits
+    layer alone).
   """
-  if kind == "global":
-    return 1.0
   n = graph64.num_nodes
+  out = np.zeros(n + 1)
+  if kind == "global":
+    return out
   inner = has_inner_scales(graph64)
-  fallback = (kind == "pairwise"
-              and graph64.num_classes > large_class_threshold)
-  sources = [n] if fallback else range(n + 1)
-  with jax.enable_x64(True):
-    if fallback:
-      last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
-      rows = [None] * n + [np.asarray(residual_bounds._class_row_norms_last(  # pylint: disable=protected-access
-          graph64, kind))]
-      chains = {n: last}
-    else:
-      rows = [np.asarray(r) for r in residual_bounds._class_row_norms(  # pylint: disable=protected-access
-          graph64, kind)]
-      chains = {s: residual_graph.product_chain(graph64, (s, n))
-                for s in sources}
   row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
-  worst = 0.0
-  for s in sources:
-    chain = chains[s]
-    full = (0, chain.num_layers - 1)
-    sweep = norm_certificates._sweep_error(chain, full, op_bounds(chain))[1]  # pylint: disable=protected-access
-    allowance = row_norm * (sweep + scale_allowance(chain, inner))
-    smallest = float(np.min(rows[s])) if rows[s].size else math.inf
-    worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
-  return 1.0 + worst
+  last_only = method == "naive" or (
+      kind == "pairwise" and graph64.num_classes > large_class_threshold)
+  if last_only:
+    last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
+    out[n] = _row_allowance(last, inner, row_norm)
+    return out
+  for s in range(n + 1):
+    chain = residual_graph.product_chain(graph64, (s, n))
+    out[s] = _row_allowance(chain, inner, row_norm)
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("method", "kind", "diagonal",
                                              "large_class_threshold"))
-def _bound_jit(graph, norms, *, method, kind, diagonal,
+def _bound_jit(graph, norms, allowances, *, method, kind, diagonal,
                large_class_threshold):
   return residual_bounds.bound_from_norms(
       graph, norms, method=method, kind=kind, diagonal=diagonal,
-      large_class_threshold=large_class_threshold)
+      large_class_threshold=large_class_threshold,
+      row_allowances=allowances)
 
 
 def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
@@ -214,16 +236,18 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
   upper = certificate.upper
   if safety_factor is not None:
     upper = certificate.norms * float(safety_factor)
+  allowances = class_row_allowances(
+      graph64, method=method, kind=kind,
+      large_class_threshold=large_class_threshold)
   with jax.enable_x64(True):
     value64 = np.asarray(_bound_jit(
-        graph64, jnp.asarray(upper, jnp.float64), method=method, kind=kind,
+        graph64, jnp.asarray(upper, jnp.float64),
+        jnp.asarray(allowances, jnp.float64), method=method, kind=kind,
         diagonal=float(diagonal),
         large_class_threshold=int(large_class_threshold)))
-  factor = 1.0 if method == "naive" and kind == "global" else (
-      class_row_factor(graph64, kind=kind,
-                       large_class_threshold=large_class_threshold)
-      if method == "liplt" else _naive_row_factor(graph64, kind))
-  value = api.round_up_to_float32(value64 * factor)
+  # The recursion's own float64 roundings (a few additions and
+  # multiplications of nonnegative numbers) are covered by this factor.
+  value = api.round_up_to_float32(value64 * (1.0 + ASSEMBLY_ROUNDING))
   if kind == "pairwise":
     np.fill_diagonal(value, np.float32(diagonal))
   return value, certificate, products
