@@ -164,9 +164,10 @@ def test_residual_worked_example_prints_what_the_page_says():
   # The hand-computed numbers of docs/residual.md, recomputed by the code.
   code, expected = _worked_example(
       (ROOT / "docs" / "residual.md").read_text(encoding="utf-8"))
+  program = compile(code, "docs/residual.md", "exec")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    exec(compile(code, "docs/residual.md", "exec"), {})  # pylint: disable=exec-used
+    exec(program, {})  # pylint: disable=exec-used
   assert out.getvalue().strip() == expected.strip()
 
 
