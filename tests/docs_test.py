@@ -8,7 +8,9 @@ and every relative Markdown link in a ``.md`` file, must name a file that
 exists and, with ``#anchor``, a heading of that file.
 """
 
+import contextlib
 import functools
+import io
 import os
 import pathlib
 import re
@@ -131,11 +133,42 @@ def test_the_method_is_documented():
                        ("bounds.md", "large-class-fallback"),
                        ("bounds.md", "units"),
                        ("bounds.md", "worked-examples"),
+                       ("residual.md", "never-worse-than-naive"),
+                       ("residual.md", "worked-example"),
+                       ("residual.md", "rounding"),
                        ("training.md", "crm-loss"),
                        ("training.md", "recipes"),
                        ("certificates.md", "failing-closed")]:
     assert anchor in _anchors(ROOT / "docs" / name), (name, anchor)
   assert "docs/README.md" in _texts()[ROOT / "README.md"]
+  assert "(residual.md)" in _texts()[ROOT / "docs" / "README.md"]
+
+
+def _worked_example(page: str) -> tuple[str, str]:
+  """The Python snippet of a page's worked example and what it prints.
+
+  The printed lines are the indented block that follows "prints".
+  """
+  section = page.split("\n## Worked example\n", 1)[1].split("\n## ", 1)[0]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  after = section.split("\nprints\n\n", 1)[1]
+  printed = []
+  for line in after.splitlines():
+    if not line.startswith("    "):
+      break
+    printed.append(line[4:])
+  return code, "\n".join(printed)
+
+
+def test_residual_worked_example_prints_what_the_page_says():
+  # The hand-computed numbers of docs/residual.md, recomputed by the code.
+  code, expected = _worked_example(
+      (ROOT / "docs" / "residual.md").read_text(encoding="utf-8"))
+  program = compile(code, "docs/residual.md", "exec")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(program, {})  # pylint: disable=exec-used
+  assert out.getvalue().strip() == expected.strip()
 
 
 @pytest.mark.parametrize("heading, anchor", [
