@@ -168,7 +168,7 @@ def class_row_factor(graph64: ResidualGraph, *, kind: str,
     sweep = norm_certificates._sweep_error(chain, full, op_bounds(chain))[1]  # pylint: disable=protected-access
     allowance = row_norm * (sweep + scale_allowance(chain, inner))
     smallest = float(np.min(rows[s])) if rows[s].size else math.inf
-    worst = max(worst, allowance / smallest if smallest > 0 else math.inf)
+    worst = max(worst, _relative(allowance, smallest))
   return 1.0 + worst
 
 
@@ -239,5 +239,17 @@ def _naive_row_factor(graph64: ResidualGraph, kind: str) -> float:
   row_norm = math.sqrt(2.0) if kind == "pairwise" else 1.0
   allowance = row_norm * norm_certificates._sweep_error(  # pylint: disable=protected-access
       last, (0, 0), op_bounds(last))[1]
-  smallest = float(np.min(rows))
-  return 1.0 + (allowance / smallest if smallest > 0 else math.inf)
+  return 1.0 + _relative(allowance, float(np.min(rows)))
+
+
+def _relative(allowance: float, smallest: float) -> float:
+  """``allowance / smallest``, for the smallest row norm of a map.
+
+  A zero row with a zero allowance is exact: some op of its map is exactly
+  zero, as every map through a plain activation is for ``a = 0`` (abs) or
+  through a zeroed branch. It adds nothing. A zero row that may be off
+  (nonzero allowance) gives an infinite factor: the bound never certifies.
+  """
+  if smallest > 0:
+    return allowance / smallest
+  return 0.0 if allowance == 0 else math.inf
