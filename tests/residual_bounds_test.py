@@ -294,3 +294,25 @@ def test_abs_activation_gives_finite_bounds():
     assert np.all(np.isfinite(got)), got
     diff, dist = sampled_pairs(model, seed=0)
     assert_sound(diff, dist, **{kind: got})
+
+
+def _set(variable, index, value):
+  variable[...] = variable[...].at[index].set(value)
+
+
+@pytest.mark.parametrize("where", ["logits", "projection", "batch_norm"])
+def test_non_finite_weights_raise_in_every_certified_mode(where):
+  model = build((("conv", 2, 3, 1, 1), ("residual", 3, 3, 1, 2),
+                 ("dense", None)), batch_norm=True)
+  if where == "logits":  # Read by the class rows only, after the norms.
+    _set(model.layers[-1].kernel, (0, 0), np.nan)
+  elif where == "projection":
+    _set(model.layers[1].projection.kernel, (0, 0, 0, 0), np.inf)
+  else:
+    _set(model.layers[1].norms[0].var, 0, np.nan)
+  modes = (dict(exact=True), dict(), dict(guarantee="deterministic"),
+           dict(method="naive", exact=True))
+  for mode in modes:
+    for kind in ("pairwise", "global"):
+      with pytest.raises(ValueError, match="non-finite"):
+        lipjax.bound(model, kind=kind, **mode)
