@@ -9,6 +9,7 @@ norms are cheap; most of the time goes to compiling each map's Gram
 function, hence few architectures and few hypothesis examples.
 """
 
+import dataclasses
 import math
 
 import hypothesis
@@ -279,6 +280,21 @@ def test_zero_branch_with_projection_is_its_shortcut():
            * np.linalg.norm(rows, axis=-1))
   got = lipjax.bound(graph, method="naive", exact=True, safety_factor=1.0)
   np.testing.assert_allclose(got, naive, rtol=1e-6)
+
+
+def test_safety_factor_keeps_the_batch_norm_allowance():
+  # An inner scale of ones is the same map; its rounding allowance stays
+  # when safety_factor replaces the exact norms' factor.
+  graph = hand_graph()
+  inner = dataclasses.replace(graph.units[1].ops[0], out_scale=jnp.ones(2))
+  scaled = dataclasses.replace(graph, units=(
+      graph.units[0],
+      dataclasses.replace(graph.units[1], ops=(inner, graph.units[1].ops[1])),
+      graph.units[2]))
+  plain_value = lipjax.bound(graph, kind="global", exact=True,
+                             safety_factor=1.0)
+  value = lipjax.bound(scaled, kind="global", exact=True, safety_factor=1.0)
+  assert plain_value * (1 + 1e-6) < value < plain_value * (1 + 1e-4)
 
 
 def _set(variable, index, value):

@@ -227,8 +227,11 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
       max_exact_bytes=max_exact_bytes, deterministic=deterministic,
       progress=progress)
   upper = certificate.upper
-  if safety_factor is not None:
-    upper = certificate.norms * float(safety_factor)
+  if safety_factor is not None:  # It replaces the factor, not the allowance.
+    inner = has_inner_scales(graph64)
+    upper = certificate.norms * float(safety_factor) + np.asarray(
+        [scale_allowance(chain, inner, op_bounds(chain)) if inner else 0.0
+         for chain in chains])
   with jax.enable_x64(True):
     value64 = np.asarray(_bound_jit(
         graph64, jnp.asarray(upper, jnp.float64), method=method, kind=kind,
