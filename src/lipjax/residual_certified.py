@@ -220,9 +220,11 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
   graph64 = _to_float64(graph)
   products = residual_bounds.required_products(graph64, method=method,
                                                kind=kind)
+  # Every weight layer, the logits too: a pairwise or per-class bound reads
+  # those only through its class rows, after all the norms.
+  norm_certificates.check_finite(linear_maps.LinearChain(ops=tuple(
+      op for unit in graph64.units for op in unit.primitives())))
   chains = residual_bounds.norm_chains(graph64, products, method=method)
-  for chain in chains:
-    norm_certificates.check_finite(chain)
   use_exact = _use_exact(chains, exact, deterministic, max_exact_bytes)
   if safety_factor is not None and not use_exact.all():
     raise ValueError(
@@ -234,8 +236,10 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
       max_exact_bytes=max_exact_bytes, deterministic=deterministic,
       progress=progress)
   upper = certificate.upper
-  if safety_factor is not None:
-    upper = certificate.norms * float(safety_factor)
+  if safety_factor is not None:  # It replaces the factor, not the allowance.
+    inner = has_inner_scales(graph64)
+    upper = certificate.norms * float(safety_factor) + np.asarray(
+        [scale_allowance(chain, inner, op_bounds(chain)) for chain in chains])
   allowances = class_row_allowances(
       graph64, method=method, kind=kind,
       large_class_threshold=large_class_threshold)
