@@ -646,5 +646,7 @@ def test_batch_norm_rounding_allowance_is_small():
   want = np.asarray(lipjax.bound(model, exact=True))
   got = np.asarray(lipjax.bound(_as_plain_graph(model), exact=True))
   mask = ~np.eye(len(want), dtype=bool)
-  assert np.all(got[mask] >= want[mask] * (1 - 1e-6))
-  assert np.all(got[mask] <= want[mask] * (1 + 1e-3)), got / want
+  # Both paths add allowances for the scales between layers (the chain's
+  # on raised scales, 2r; the graph's on unraised ones, r): close, neither
+  # a reference for the other.
+  np.testing.assert_allclose(got[mask], want[mask], rtol=1e-3)
