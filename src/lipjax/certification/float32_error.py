@@ -26,6 +26,9 @@ L2 part through the layers' certified spectral norms, and the rounding of
 moved values through Schur's bound on ``|| |W| ||``. That gives ``E0`` (the
 elementwise part at the logits) and ``E1`` (from ``beta``). An absolute
 ``UNDERFLOW`` per value covers flushed subnormals.
+:mod:`lipjax.certification.float32_residual` does the same for a
+:class:`lipjax.residual_models.ResidualNet` (:func:`logit_error_bounds`
+hands it over).
 
 Assumptions (stated in the report): float32 arithmetic with round-to-nearest;
 convolutions computed as sums of products (XLA:CPU's; a Winograd or FFT
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import activations
+from lipjax import residual_models
 
 U32 = 2.0**-24
 ACTIVATION_ULPS = 8
@@ -246,7 +250,10 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
   """The float32 evaluation error of ``model`` around each of ``images``.
 
   Args:
-    model: a :class:`lipjax.models.SequentialNet` (its float32 values).
+    model: a :class:`lipjax.models.SequentialNet` (its float32 values), or a
+      :class:`lipjax.residual_models.ResidualNet`
+      (:mod:`lipjax.certification.float32_residual`, which documents its
+      arguments' layout).
     images: ``[B, H, W, C]`` float inputs in pixel units.
     layer_norms: ``[N]`` certified spectral norms of the chain's single
       layers ``W_k`` (input normalization and batch norm folded in).
@@ -258,6 +265,11 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
     An :class:`EvaluationError`, inflated by ``1 + 1e-9`` for the float64
     arithmetic of the bound itself.
   """
+  if isinstance(model, residual_models.ResidualNet):
+    # Imported here: it builds on this module.
+    from lipjax.certification import float32_residual  # pylint: disable=import-outside-toplevel
+    return float32_residual.logit_error_bounds(model, images, layer_norms,
+                                               lipschitz_to)
   with jax.enable_x64(True):
     layers = _layers(model)
     # The deployed network's constants are float32: the exact network that
