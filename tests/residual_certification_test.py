@@ -203,6 +203,56 @@ def test_error_bound_covers_adversarially_scaled_weights(build):
   assert _check_covered(model, error, x, 0.5, rng) > 0
 
 
+def _stem_error_through(block):
+  """A network whose only sizeable rounding is the stem's, and whose block
+  passes it on through the shortcut alone (the branch is zero).
+
+  The stem sums 16 terms of about +-500 that cancel to about 10 (inputs
+  come in equal pairs, ``_paired_inputs``); the block is ``block``; the
+  logits read two channels exactly.
+  """
+  spec = {"identity": ("residual", 4, 1, 1, 1),
+          "projection": ("residual", 4, 1, 1, 2),
+          "linear_residual": ("linear_residual", 1)}[block]
+  model = _model((("conv", 4, 1, 1, 0), spec, ("dense", None)),
+                 batch_norm=False, input_shape=(1, 1, 16), mean=(0.0,) * 16,
+                 std=(1.0,) * 16)
+  rng = np.random.default_rng(6)
+  signs = np.where(np.arange(16) % 2, -1.0, 1.0)[:, None]
+  _set(model.layers[0].kernel, (1e3 * signs * (1 + 1e-3 * rng.normal(
+      size=(16, 4))))[None, None])
+  _set(model.layers[0].bias, np.full(4, 10.0))
+  for _, conv in nnx.iter_modules(model.layers[1]):
+    if isinstance(conv, nnx.Conv):
+      _set(conv.kernel, np.zeros(conv.kernel[...].shape))
+      _set(conv.bias, np.zeros(conv.bias[...].shape))
+  if block == "projection":
+    _set(model.layers[1].projection.kernel, np.eye(4)[None, None])
+  _set(model.layers[2].kernel, np.eye(4, 5))
+  _set(model.layers[2].bias, np.zeros(5))
+  return model
+
+
+def _paired_inputs(rng, count):
+  half = rng.uniform(0.4, 0.6, (count, 1, 1, 8))
+  return np.repeat(half, 2, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("block", ["identity", "projection",
+                                   "linear_residual"])
+def test_an_error_passed_on_by_a_shortcut_alone_is_covered(block):
+  # Elsewhere the bound is ~1e4 times the observed error, so dropping one
+  # path's error would go unnoticed; here the stem's rounding (~1e-5) is
+  # far above every other term of the bound but its own, and reaches the
+  # logits through the shortcut (or I + W) only.
+  model = _stem_error_through(block)
+  rng = np.random.default_rng(7)
+  x = _paired_inputs(rng, 64)
+  error = float32_error.logit_error_bounds(model, x, *_proof_only(model))
+  worst = _check_covered(model, error, x, 0.0, rng)
+  assert worst > 1e-6
+
+
 def test_point_a_few_ulps_from_the_boundary_is_not_certified(main):
   model, bounds, _ = main
   # Two inputs that the network classifies apart (outside the pixel box:
