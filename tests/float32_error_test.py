@@ -6,7 +6,6 @@ points inside the ball; a point a few ulps from the decision boundary must
 not be certified; and the float64 certificate test must fail closed.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from flax import nnx
 import lipjax
 from lipjax.certification import float32_error
 from lipjax.certification import sound_bound
+from tests import evaluation
 
 
 def _model(activation="relu", batch_norm=False, seed=0):
@@ -32,20 +32,6 @@ def _model(activation="relu", batch_norm=False, seed=0):
       bn.scale[...] = jnp.asarray(rng.normal(size=c) * 3, jnp.float32)
       bn.bias[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
   return model
-
-
-def _float64_logits(model, x):
-  with jax.enable_x64(True):
-    graphdef, state = nnx.split(model)
-    state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-    return np.asarray(nnx.merge(graphdef, state64)(jnp.asarray(
-        x, jnp.float64)))
-
-
-def _float32_logits(model, x, batch):
-  apply = jax.jit(lambda m, x: m(x))
-  return np.concatenate([np.asarray(apply(model, x[i:i + batch]), np.float64)
-                         for i in range(0, len(x), batch)])
 
 
 def _error(model, x):
@@ -68,9 +54,9 @@ def test_error_bound_covers_float32_evaluation_in_the_ball(activation,
   step *= radius / np.linalg.norm(step.reshape(48, -1), axis=1)[
       :, None, None, None]
   for point, r in ((x, 0.0), ((x + step).astype(np.float32), radius)):
-    exact = _float64_logits(model, point)
+    exact = evaluation.float64_logits(model, point)
     for batch in (1, 7, 48):
-      got = np.abs(_float32_logits(model, point, batch) - exact)
+      got = np.abs(evaluation.float32_logits(model, point, batch) - exact)
       bound = (error.elementwise + error.l2[:, None]
                + r * error.l2_slope)
       assert np.all(got <= bound)
@@ -84,23 +70,15 @@ def test_point_a_few_ulps_from_the_boundary_is_not_certified():
   model = _model()
   rng = np.random.default_rng(3)
   a, b = rng.uniform(0, 1, (2, 1, 8, 8, 2)).astype(np.float32)
-  la, lb = (np.argmax(_float32_logits(model, p, 1)) for p in (a, b))
+  la, lb = (np.argmax(evaluation.float32_logits(model, p, 1)) for p in (a, b))
   for _ in range(40):  # Find two inputs that the network classifies apart.
     if la != lb:
       break
     b = rng.uniform(0, 1, (1, 8, 8, 2)).astype(np.float32)
-    lb = np.argmax(_float32_logits(model, b, 1))
+    lb = np.argmax(evaluation.float32_logits(model, b, 1))
   assert la != lb
-  lo, hi = 0.0, 1.0  # Bisect the segment to the boundary, in float32.
-  for _ in range(60):
-    mid = (lo + hi) / 2
-    point = (a + np.float32(mid) * (b - a)).astype(np.float32)
-    if np.argmax(_float32_logits(model, point, 1)) == la:
-      lo = mid
-    else:
-      hi = mid
-  point = (a + np.float32(lo) * (b - a)).astype(np.float32)
-  logits = _float32_logits(model, point, 1)
+  point = evaluation.boundary_point(model, a, b)
+  logits = evaluation.float32_logits(model, point, 1)
   labels = np.array([la])
   bounds, _ = sound_bound.sound_bound(model, method="liplt", kind="pairwise",
                                       exact=True)
@@ -167,7 +145,7 @@ def test_large_batch_norm_multiplier_is_covered():
     point = (np.ones(x.shape) * rng.uniform(1, 1.001, size=x.shape)
              * 10**rng.uniform(-3, 0)).astype(np.float32)
     radius = np.linalg.norm(point.astype(np.float64))
-    z = _float32_logits(model, point, 1)[0]
-    exact = _float64_logits(model, point)[0]
+    z = evaluation.float32_logits(model, point, 1)[0]
+    exact = evaluation.float64_logits(model, point)[0]
     actual = abs((z[0] - z[1]) - (exact[0] - exact[1]))
     assert actual <= at_r0[0, 1] + radius * slope[0, 1]

@@ -26,6 +26,9 @@ L2 part through the layers' certified spectral norms, and the rounding of
 moved values through Schur's bound on ``|| |W| ||``. That gives ``E0`` (the
 elementwise part at the logits) and ``E1`` (from ``beta``). An absolute
 ``UNDERFLOW`` per value covers flushed subnormals.
+:mod:`lipjax.certification.float32_residual` does the same for a
+:class:`lipjax.residual_models.ResidualNet` (:func:`logit_error_bounds`
+hands it over).
 
 Assumptions (stated in the report): float32 arithmetic with round-to-nearest;
 convolutions computed as sums of products (XLA:CPU's; a Winograd or FFT
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import activations
+from lipjax import residual_models
 
 U32 = 2.0**-24
 ACTIVATION_ULPS = 8
@@ -55,16 +59,17 @@ ASSUMPTIONS = (
     f"convolutions); tanh/sigmoid/softplus/elu within {ACTIVATION_ULPS} ulps")
 
 # Rounding of an activation's float32 evaluation, in ulps of its output.
-_ACTIVATION_ROUNDING = {"relu": 0, "abs": 0, "leaky_relu": 1}
+ACTIVATION_ROUNDING = {"relu": 0, "abs": 0, "leaky_relu": 1}
 
 
-def _gamma(n: int) -> float:
+def gamma(n: int) -> float:
+  """``gamma_n = n u / (1 - n u)``: a sum of ``n`` rounded terms."""
   return n * U32 / (1.0 - n * U32)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Layer:
+class Layer:
   """One layer in float64: the map, its bias, and batch norm if any."""
   weight: jax.Array
   bias: jax.Array
@@ -90,11 +95,12 @@ class _Layer:
     return int(math.prod(self.weight.shape[:-1]))
 
 
-def _f64(x):
+def to_f64(x):
+  """A float64 jax array of ``x`` (inside ``enable_x64``), None stays."""
   return None if x is None else jnp.asarray(np.asarray(x, np.float64))
 
 
-def _layers(model) -> list[_Layer]:
+def _layers(model) -> list[Layer]:
   """The model's layers with their float32 values, held in float64."""
   layers, conv_index = [], 0
   for spec, layer in zip(model.spec, model.layers):
@@ -106,25 +112,26 @@ def _layers(model) -> list[_Layer]:
       mul = jax.lax.rsqrt(norm.var[...] + norm.epsilon)
       if norm.scale is not None:
         mul = mul * norm.scale[...]
-      bn = {"bn_mul": _f64(mul), "bn_mean": _f64(norm.mean[...]),
-            "bn_bias": _f64(None if norm.bias is None else norm.bias[...])}
+      bn = {"bn_mul": to_f64(mul), "bn_mean": to_f64(norm.mean[...]),
+            "bn_bias": to_f64(None if norm.bias is None else norm.bias[...])}
     extra = ({"stride": spec[3], "pad": spec[4]} if spec[0] == "conv"
              else {})
-    layers.append(_Layer(weight=_f64(layer.kernel[...]),
-                         bias=_f64(layer.bias[...]), kind=spec[0], **extra,
-                         **bn))
+    layers.append(Layer(weight=to_f64(layer.kernel[...]),
+                        bias=to_f64(layer.bias[...]), kind=spec[0], **extra,
+                        **bn))
   return layers
 
 
-def _abs_norm(layer: _Layer) -> jax.Array:
+def abs_norm(layer: Layer, abs_weight=None) -> jax.Array:
   """``sqrt(max row sum * max column sum)`` of ``|W|`` (Schur's test).
 
   An upper bound on the spectral norm of the matrix of absolute values of
   the layer's map (and so on the map's own norm). For a conv, an output
   sums ``kh kw c_in`` inputs and an input feeds at most ``kh kw`` outputs
-  per output channel, whatever the stride and padding.
+  per output channel, whatever the stride and padding. ``abs_weight``
+  (default ``|W|``) replaces ``|W|``: any nonnegative weight of its shape.
   """
-  a = jnp.abs(layer.weight)
+  a = jnp.abs(layer.weight) if abs_weight is None else abs_weight
   if layer.kind == "dense":
     rows, cols = jnp.sum(a, axis=0), jnp.sum(a, axis=1)
   else:
@@ -132,7 +139,8 @@ def _abs_norm(layer: _Layer) -> jax.Array:
   return jnp.sqrt(jnp.max(rows) * jnp.max(cols))
 
 
-def _row_l2(x):
+def row_l2(x):
+  """Per-example L2 norms ``[B]`` of ``x [B, ...]``."""
   return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
 
 
@@ -155,14 +163,14 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
   """
   act = activations.get_activation(activation)
   gain = activations.lipschitz_constant(act.slopes)
-  ulps = _ACTIVATION_ROUNDING.get(activation, ACTIVATION_ULPS) * U32
+  ulps = ACTIVATION_ROUNDING.get(activation, ACTIVATION_ULPS) * U32
   h = (x - mean) * inv_std
   move = jnp.max(inv_std)  # ||h(x') - h(x)|| <= move * R.
   two_u = 2.0 * U32 * (1.0 + U32)  # Subtract, then divide.
   fresh = two_u * jnp.abs(h) + UNDERFLOW
   xi, beta = jnp.zeros(x.shape[0], x.dtype), two_u * move
   for k, layer in enumerate(layers):
-    g, absolute = _gamma(layer.fan_in + 1), _abs_norm(layer)
+    g, absolute = gamma(layer.fan_in + 1), abs_norm(layer)
     # This layer's norm from h's coordinates (the first layer's certified
     # norm includes 1/std; its map from h does not).
     through = layer_norms[k] * (std_max if k == 0 else 1.0)
@@ -175,8 +183,8 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
     # L2 size is smaller: elementwise is tight for few, wide rows, L2 for
     # many (it does not pay |W|'s missing cancellations).
     by_abs = layer.linear(fresh, abs_w)
-    by_l2 = through * _row_l2(fresh)
-    keep = _row_l2(by_abs) <= by_l2
+    by_l2 = through * row_l2(fresh)
+    keep = row_l2(by_abs) <= by_l2
     keep_rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
     new_fresh = rounding + jnp.where(keep_rows, by_abs, 0.0)
     # Propagated errors (through the certified norm, which already holds
@@ -189,7 +197,7 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
     else:
       # BN rounds 3 times; its multiplier may also differ from the device's
       # by a few ulps (another computation of gamma * rsqrt(var + eps)).
-      mul, g3 = jnp.abs(layer.bn_mul), _gamma(3) + 4.0 * U32
+      mul, g3 = jnp.abs(layer.bn_mul), gamma(3) + 4.0 * U32
       top = jnp.max(mul)
       bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
       new_fresh = mul * new_fresh * (1.0 + g3) + g3 * (
@@ -242,7 +250,10 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
   """The float32 evaluation error of ``model`` around each of ``images``.
 
   Args:
-    model: a :class:`lipjax.models.SequentialNet` (its float32 values).
+    model: a :class:`lipjax.models.SequentialNet` (its float32 values), or a
+      :class:`lipjax.residual_models.ResidualNet`
+      (:mod:`lipjax.certification.float32_residual`, which documents its
+      arguments' layout).
     images: ``[B, H, W, C]`` float inputs in pixel units.
     layer_norms: ``[N]`` certified spectral norms of the chain's single
       layers ``W_k`` (input normalization and batch norm folded in).
@@ -254,6 +265,11 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
     An :class:`EvaluationError`, inflated by ``1 + 1e-9`` for the float64
     arithmetic of the bound itself.
   """
+  if isinstance(model, residual_models.ResidualNet):
+    # Imported here: it builds on this module.
+    from lipjax.certification import float32_residual  # pylint: disable=import-outside-toplevel
+    return float32_residual.logit_error_bounds(model, images, layer_norms,
+                                               lipschitz_to)
   with jax.enable_x64(True):
     layers = _layers(model)
     # The deployed network's constants are float32: the exact network that
