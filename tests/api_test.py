@@ -168,7 +168,12 @@ def test_batch_norm_running_stats_are_folded_in():
     bn.bias[...] = jnp.asarray(rng.normal(size=features), jnp.float32)
   model.eval()
   lip = np.asarray(lipjax.bound(model, exact=True), np.float64)
-  np.testing.assert_allclose(lip, dense_reference(model), rtol=1e-4)
+  reference = dense_reference(model)
+  # Batch-norm scales sit between layers, where rounding them up does not
+  # bound a norm: the certificate adds an allowance for them (a few 1e-4
+  # here), never less than the dense reference.
+  assert np.all(lip >= reference * (1 - 1e-6))
+  np.testing.assert_allclose(lip, reference, rtol=1e-3)
   graphdef, state = nnx.split(model)
   single = lambda x: nnx.merge(graphdef, state)(x[None])[0]
   x = jax.random.uniform(jax.random.key(0), (256, 6, 6, 1))
