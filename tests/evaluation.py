@@ -19,9 +19,13 @@ def float64_logits(model, x) -> np.ndarray:
         x, jnp.float64)))
 
 
+# One jitted function, so that repeated calls on one model compile once.
+_APPLY = jax.jit(lambda m, x: m(x))
+
+
 def float32_logits(model, x, batch: int) -> np.ndarray:
-  apply = jax.jit(lambda m, x: m(x))
-  return np.concatenate([np.asarray(apply(model, x[i:i + batch]), np.float64)
+  return np.concatenate([np.asarray(_APPLY(model, x[i:i + batch]),
+                                    np.float64)
                          for i in range(0, len(x), batch)])
 
 

@@ -6,6 +6,7 @@ points inside the ball; a point a few ulps from the decision boundary must
 not be certified; and the float64 certificate test must fail closed.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -149,3 +150,20 @@ def test_large_batch_norm_multiplier_is_covered():
     exact = evaluation.float64_logits(model, point)[0]
     actual = abs((z[0] - z[1]) - (exact[0] - exact[1]))
     assert actual <= at_r0[0, 1] + radius * slope[0, 1]
+
+
+@pytest.mark.parametrize("name", lipjax.activations.ACTIVATIONS)
+def test_activation_rounding_holds_for_xla_float32(name):
+  # The assumption the margin rests on, measured: float32 activations vs
+  # float64 over tiny to large inputs (leaky ReLU's slope 0.01 is not a
+  # float32, so it rounds twice).
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(size=20000) * s for s in (
+      1e-6, 1e-3, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0)]).astype(np.float32)
+  fn = lipjax.activations.get_activation(name).fn
+  y32 = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
+  with jax.enable_x64(True):
+    y64 = np.asarray(fn(jnp.asarray(x, jnp.float64)))
+  allowed = (float32_error.activation_rounding(name) * np.abs(y64)
+             + float32_error.UNDERFLOW)
+  assert np.all(np.abs(y32 - y64) <= allowed)

@@ -15,8 +15,9 @@ multiply-add). It follows the standard model of floating-point arithmetic
 ``gamma_{d+1} (|W| |h| + |b|)`` of the exact one, with
 ``gamma_n = n u / (1 - n u)``; subtraction, scaling and addition of the
 normalizations add ``u`` each; ReLU, abs and max are exact, leaky ReLU adds
-``u``, and tanh, sigmoid, softplus and elu are assumed within
-``ACTIVATION_ULPS`` ulps (XLA's implementations are within a few).
+``2u`` (its slope and the product round), and tanh, sigmoid, softplus and
+elu are assumed within ``ACTIVATION_ULPS`` ulps (XLA's implementations are
+within a few; an ulp is up to ``2u`` of the value).
 Each error is split in two: an elementwise part from rounding the values
 at ``x`` (computed in float64; they are exact to far below float32), and a
 part of L2 norm at most ``R beta`` from rounding how far the values move
@@ -24,8 +25,10 @@ over the ball (at most ``R M_k`` in L2, with ``M_k`` the certified LipLT
 bound up to layer ``k``). Elementwise parts propagate through ``|W|``; the
 L2 part through the layers' certified spectral norms, and the rounding of
 moved values through Schur's bound on ``|| |W| ||``. That gives ``E0`` (the
-elementwise part at the logits) and ``E1`` (from ``beta``). An absolute
-``UNDERFLOW`` per value covers flushed subnormals.
+elementwise part at the logits) and ``E1`` (from ``beta``). Flushed
+subnormals add ``2^-126`` per operation of a dot product (weights flushed
+to zero ``2^-126`` times their input), and an absolute ``UNDERFLOW`` per
+other value.
 :mod:`lipjax.certification.float32_residual` does the same for a
 :class:`lipjax.residual_models.ResidualNet` (:func:`logit_error_bounds`
 hands it over).
@@ -58,8 +61,28 @@ ASSUMPTIONS = (
     "at full float32 precision (no TF32/bfloat16, no Winograd/FFT "
     f"convolutions); tanh/sigmoid/softplus/elu within {ACTIVATION_ULPS} ulps")
 
-# Rounding of an activation's float32 evaluation, in ulps of its output.
-ACTIVATION_ROUNDING = {"relu": 0, "abs": 0, "leaky_relu": 1}
+# Roundings in an activation's float32 evaluation (each at most u of its
+# output); the others are within ACTIVATION_ULPS ulps. Leaky ReLU rounds
+# its slope to float32 (0.01 is not a float32) and the product.
+ACTIVATION_ROUNDING = {"relu": 0, "abs": 0, "leaky_relu": 2}
+FLUSH = 2.0**-126  # The largest error of one flushed subnormal.
+
+
+def activation_rounding(name: str) -> float:
+  """The relative float32 error of activation ``name``'s output.
+
+  One rounding is at most ``u |y|``; ``k`` ulps are at most ``2 k u |y|``
+  (an ulp of ``y`` is up to ``2u |y|``).
+  """
+  if name in ACTIVATION_ROUNDING:
+    return ACTIVATION_ROUNDING[name] * U32
+  return 2.0 * ACTIVATION_ULPS * U32
+
+
+def flushed(fan_in: int) -> float:
+  """Flushed subnormals in a dot product of ``fan_in`` terms plus a bias:
+  every product, partial sum and the bias, ``FLUSH`` each."""
+  return (2 * fan_in + 2) * FLUSH
 
 
 def gamma(n: int) -> float:
@@ -163,21 +186,23 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
   """
   act = activations.get_activation(activation)
   gain = activations.lipschitz_constant(act.slopes)
-  ulps = ACTIVATION_ROUNDING.get(activation, ACTIVATION_ULPS) * U32
+  ulps = activation_rounding(activation)
   h = (x - mean) * inv_std
   move = jnp.max(inv_std)  # ||h(x') - h(x)|| <= move * R.
   two_u = 2.0 * U32 * (1.0 + U32)  # Subtract, then divide.
   fresh = two_u * jnp.abs(h) + UNDERFLOW
   xi, beta = jnp.zeros(x.shape[0], x.dtype), two_u * move
   for k, layer in enumerate(layers):
-    g, absolute = gamma(layer.fan_in + 1), abs_norm(layer)
+    g = gamma(layer.fan_in + 1)
+    # |W| + FLUSH / g: a weight flushed to zero errs by FLUSH |h|.
+    abs_w = jnp.abs(layer.weight) + FLUSH / g
+    absolute = abs_norm(layer, abs_w)
     # This layer's norm from h's coordinates (the first layer's certified
     # norm includes 1/std; its map from h does not).
     through = layer_norms[k] * (std_max if k == 0 else 1.0)
-    abs_w = jnp.abs(layer.weight)
     z = layer.linear(h) + layer.bias
     rounding = g * (layer.linear(jnp.abs(h) + fresh, abs_w)
-                    + jnp.abs(layer.bias)) + UNDERFLOW
+                    + jnp.abs(layer.bias)) + flushed(layer.fan_in)
     # The earlier fresh error passes through W either elementwise (|W| e)
     # or in L2 (||W|| ||e||); both bound it. Per example, keep the one whose
     # L2 size is smaller: elementwise is tight for few, wide rows, L2 for
@@ -267,7 +292,8 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
   """
   if isinstance(model, residual_models.ResidualNet):
     # Imported here: it builds on this module.
-    from lipjax.certification import float32_residual  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from lipjax.certification import float32_residual
     return float32_residual.logit_error_bounds(model, images, layer_norms,
                                                lipschitz_to)
   with jax.enable_x64(True):

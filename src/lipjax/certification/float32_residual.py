@@ -53,7 +53,7 @@ from lipjax.certification import float32_error
 from lipjax.certification.float32_error import U32
 from lipjax.certification.float32_error import Layer
 
-FLUSH = 2.0**-126  # The largest error of one flushed subnormal.
+FLUSH = float32_error.FLUSH
 # 3 roundings of batch norm and its multiplier's relative error.
 _BN_RHO = (1.0 + U32)**3 * (1.0 + linear_maps.SCALE_ROUNDING) - 1.0
 
@@ -260,9 +260,9 @@ def _affine(layer: Layer, value, move, err: _Err, norm, node_bound
   abs_w = jnp.abs(layer.weight) + FLUSH / g
   absolute = float32_error.abs_norm(layer, abs_w)
   z = layer.linear(value) + layer.bias
-  flushed = (2 * layer.fan_in + 2) * FLUSH
   own = _Err(g * (layer.linear(jnp.abs(value) + err.fresh, abs_w)
-                  + jnp.abs(layer.bias)) + flushed,
+                  + jnp.abs(layer.bias)) + float32_error.flushed(
+                      layer.fan_in),
              g * absolute * err.xi, g * absolute * (err.beta + move))
   carry_abs = layer.linear(err.fresh, abs_w)
   out_move = jnp.minimum(node_bound, norm * move)
@@ -345,8 +345,7 @@ def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
   """The error bound at the logits: ``(fresh [B, K], xi [B], beta)``."""
   act = activations.get_activation(activation)
   gain = activations.lipschitz_constant(act.slopes)
-  ulps = float32_error.ACTIVATION_ROUNDING.get(
-      activation, float32_error.ACTIVATION_ULPS) * U32
+  ulps = float32_error.activation_rounding(activation)
   value = (x - mean) * inv_std
   move = jnp.max(inv_std)
   rounding = (1.0 + U32)**3 - 1.0
