@@ -318,6 +318,29 @@ def test_safety_factor_keeps_the_batch_norm_allowance():
   assert plain_value * (1 + 1e-6) < value < plain_value * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("units, match", [
+    ((plain(np.eye(2)), plain(np.eye(2))), "The last unit must be a plain, "
+     "non-activated layer"),
+    ((plain(np.ones((3, 2))), plain(np.ones((2, 2)), False)),
+     r"Unit 0 outputs shape \(3,\) but unit 1 expects \(2,\)"),
+    ((plain(np.ones((3, 2))), block(np.ones((2, 3)), np.ones((2, 2))),
+      plain(np.ones((2, 2)), False)),
+     r"Unit 1: an identity shortcut needs the branch to keep the shape, got "
+     r"\(3,\) -> \(2,\); give the unit a projection shortcut"),
+    ((plain(np.eye(2)), block(np.eye(2), np.eye(2), shortcut=np.ones((3, 2))),
+      plain(np.eye(2), False)), r"Unit 1: the shortcut maps \(2,\) -> "
+     r"\(3,\), the branch \(2,\) -> \(2,\)"),
+    ((plain(np.eye(2)), block(np.ones((3, 2)), np.ones((3, 2))),
+      plain(np.eye(2), False)), r"Unit 1: op 0 outputs shape \(3,\) but op 1 "
+     r"expects \(2,\)"),
+])
+def test_malformed_graphs_fail_before_any_work(units, match):
+  graph = ResidualGraph(units=units, slopes=RELU)
+  for kwargs in (dict(exact=True), dict(iterations=1)):
+    with pytest.raises(ValueError, match=match):
+      lipjax.bound(graph, **kwargs)
+
+
 def _set(variable, index, value):
   variable[...] = variable[...].at[index].set(value)
 
