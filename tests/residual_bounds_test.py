@@ -4,7 +4,7 @@ Ground truth comes from outside the engine: a hand-computed example, a numpy
 reference of the linearized network (activations replaced by ``a``, vectors
 injected at the nodes), the plain-chain bound of :func:`lipjax.bound`, and
 the network itself (sampled pairs, Jacobians found by gradient ascent, in
-float64). Networks are tiny (4x4 to 6x6 images, 2-4 channels) so exact
+float64). Networks are tiny (4x4 and 5x5 images, 1-4 channels) so exact
 norms are cheap; most of the time goes to compiling each map's Gram
 function, hence few architectures and few hypothesis examples.
 """
