@@ -99,6 +99,7 @@ def _resolve_network(network, graphdef, slopes):
   if isinstance(network, residual_models.ResidualNet):
     network = residual_graph.from_model(network)
   if isinstance(network, residual_graph.ResidualGraph):
+    residual_graph.check_graph(network)
     if slopes is not None:
       network = dataclasses.replace(
           network, slopes=activations.check_slopes(slopes))

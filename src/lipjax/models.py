@@ -300,6 +300,12 @@ def merge(graphdef, *states) -> nnx.Module:
                 for layer, shape in zip(model.spec, model.layer_input_shapes)]
     if expected != [tuple(layer.kernel.shape) for layer in model.layers]:
       raise ValueError(_mismatch_message(graphdef, states))
+  else:
+    # Imported here: residual_models builds on this module.
+    from lipjax import residual_models  # pylint: disable=import-outside-toplevel
+    if (isinstance(model, residual_models.ResidualNet)
+        and not residual_models.shapes_fit(model)):
+      raise ValueError(_mismatch_message(graphdef, states))
   return model
 
 
@@ -318,7 +324,9 @@ def _describe_graphdef(graphdef) -> str:
   spec = static.get("spec")
   if spec is None:  # Not a SequentialNet (or a graphdef layout we do not know).
     return f"a graphdef with {getattr(graphdef, 'num_leaves', '?')} leaves"
-  name = next((n for n, s in ARCHITECTURES.items() if s == spec), "custom")
+  from lipjax import residual_models  # pylint: disable=import-outside-toplevel
+  names = {**ARCHITECTURES, **residual_models.ARCHITECTURES}
+  name = next((n for n, s in names.items() if s == spec), "custom")
   classes = static.get("num_classes")
   layers = ", ".join(f"{layer[0]} {classes if layer[1] is None else layer[1]}"
                      for layer in spec)

@@ -110,10 +110,8 @@ class ResidualGraph:
 
 def check_graph(graph: ResidualGraph) -> None:
   """Raises ValueError for a graph whose units cannot form a network."""
-  last = graph.units[-1]
-  if last.kind != "plain" or last.activated:
-    raise ValueError("The last unit must be a plain, non-activated layer "
-                     "(the logits).")
+  if not graph.units:
+    raise ValueError("A residual graph needs at least one unit (the logits).")
   for k, unit in enumerate(graph.units):
     if unit.kind not in UNIT_KINDS:
       raise ValueError(f"Unit {k}: unknown kind {unit.kind!r}.")
@@ -121,6 +119,48 @@ def check_graph(graph: ResidualGraph) -> None:
         not unit.activated):
       raise ValueError(f"Unit {k}: only the last unit may lack an "
                        "activation.")
+  last = graph.units[-1]
+  if last.kind != "plain" or last.activated:
+    raise ValueError("The last unit must be a plain, non-activated layer "
+                     "(the logits).")
+  shapes = [_unit_shapes(k, unit) for k, unit in enumerate(graph.units)]
+  for k in range(len(shapes) - 1):
+    if shapes[k][1] != shapes[k + 1][0]:
+      raise ValueError(f"Unit {k} outputs shape {shapes[k][1]} but unit "
+                       f"{k + 1} expects {shapes[k + 1][0]}: the units do not "
+                       "form a network.")
+
+
+def _unit_shapes(k: int, unit: Unit) -> tuple[tuple, tuple]:
+  """``(in_shape, out_shape)`` of a unit whose ops fit together."""
+  ops = unit.ops
+  count = len(ops)
+  if count == 0 or (unit.kind != "residual" and count != 1):
+    raise ValueError(f"Unit {k}: a {unit.kind} unit needs "
+                     f"{'one op' if unit.kind != 'residual' else 'ops'}, "
+                     f"got {count}.")
+  for i in range(count - 1):
+    if ops[i].out_shape != tuple(ops[i + 1].in_shape):
+      raise ValueError(f"Unit {k}: op {i} outputs shape {ops[i].out_shape} "
+                       f"but op {i + 1} expects {tuple(ops[i + 1].in_shape)}.")
+  shape = (tuple(ops[0].in_shape), tuple(ops[-1].out_shape))
+  if unit.shortcut is not None and unit.kind != "residual":
+    raise ValueError(f"Unit {k}: only residual units have a shortcut.")
+  if unit.kind == "linear_residual" and shape[0] != shape[1]:
+    raise ValueError(f"Unit {k}: x + W x needs W to keep the shape, got "
+                     f"{shape[0]} -> {shape[1]}.")
+  if unit.kind == "residual" and unit.shortcut is None and (
+      shape[0] != shape[1]):
+    raise ValueError(f"Unit {k}: an identity shortcut needs the branch to "
+                     f"keep the shape, got {shape[0]} -> {shape[1]}; give "
+                     "the unit a projection shortcut.")
+  if unit.shortcut is not None and (
+      tuple(unit.shortcut.in_shape), unit.shortcut.out_shape) != shape:
+    raise ValueError(f"Unit {k}: the shortcut maps "
+                     f"{tuple(unit.shortcut.in_shape)} -> "
+                     f"{unit.shortcut.out_shape}, the branch {shape[0]} -> "
+                     f"{shape[1]}.")
+  return shape
 
 
 def _scaled(op: LinearOp, factor: float) -> LinearOp:

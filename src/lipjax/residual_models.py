@@ -23,6 +23,7 @@ kind may follow a dense layer. Lipschitz logic lives in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -121,6 +122,9 @@ def _check_layer(k: int, layer: tuple, seen_dense: bool) -> None:
     if len(layer) != 2 or not _is_positive_int(layer[1]) or layer[1] % 2 == 0:
       raise ValueError(f"Layer {k}: expected ('linear_residual', kernel) with "
                        f"an odd kernel, got {layer}.")
+  elif kind not in ("conv", "dense"):
+    raise ValueError(f"Layer {k}: unknown layer kind in {layer}; use 'conv', "
+                     "'dense', 'residual' or 'linear_residual'.")
 
 
 def normalize_spec(spec: Sequence) -> tuple:
@@ -133,9 +137,11 @@ def normalize_spec(spec: Sequence) -> tuple:
   for k, layer in enumerate(spec):
     _check_layer(k, layer, seen_dense)
     seen_dense = seen_dense or layer[:1] == ("dense",)
-  plain = tuple(layer for layer in spec
-                if layer[0] not in ("residual", "linear_residual"))
-  models.normalize_spec(plain)  # Checks the plain layers and the last one.
+  # The plain layers and the last one, checked where they stand (a valid
+  # conv in each block's place keeps the error messages' layer numbers).
+  models.normalize_spec(tuple(
+      ("conv", 1, 1, 1, 0) if layer[0] in ("residual", "linear_residual")
+      else layer for layer in spec))
   return spec
 
 
@@ -297,3 +303,23 @@ class ResidualNet(nnx.Module):
       if k < last:
         x = act(x)
     return x
+
+
+def shapes_fit(model: ResidualNet) -> bool:
+  """Whether every array of ``model`` has the shape its static attributes
+  (spec, input shape, classes) give it: params merged from another network
+  may have the same leaves with other shapes. Works on traced params."""
+  expected = _expected_shapes(
+      model.spec, model.input_shape, model.num_classes, model.activation,
+      model.input_mean, model.input_std, model.batch_norm)
+  return expected == jax.tree.map(jnp.shape, nnx.state(model))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(spec, input_shape, num_classes, activation, input_mean,
+                     input_std, batch_norm):
+  abstract = nnx.eval_shape(lambda: ResidualNet(
+      spec, num_classes=num_classes, input_shape=input_shape,
+      rngs=nnx.Rngs(0), activation=activation, input_mean=input_mean,
+      input_std=input_std, batch_norm=batch_norm))
+  return jax.tree.map(jnp.shape, nnx.state(abstract))
