@@ -36,16 +36,19 @@ def test_named_architectures_build_with_their_shapes(name, shape):
   logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
                           images)
   assert logits.shape == (2, 10)
-  # Two halvings: the hidden dense layer sees (H/4, W/4, 64).
-  quarter = (shape[0] + 3) // 4
-  assert model.layer_input_shapes[-2] == (quarter, quarter, 64)
+  # Two stride-2 transitions (ResNet6: three), each floor(n / 2) for a
+  # 4x4 kernel with padding 1: the hidden dense layer sees (side, side, 64).
+  side = shape[0]
+  for _ in range(3 if name == "ResNet6" else 2):
+    side //= 2
+  assert model.layer_input_shapes[-2] == (side, side, 64)
   kinds = [layer[0] for layer in model.spec]
   blocks = [layer for layer, spec in zip(model.layers, model.spec)
             if spec[0] == "residual"]
   if name == "LiResNet4":
     assert kinds.count("linear_residual") == 4 and not blocks
     return
-  assert len(blocks) == {"ResNet8": 8}.get(name, 4)
+  assert len(blocks) == {"ResNet8": 8, "ResNet6": 6}.get(name, 4)
   inner = 2 if name == "ResNet4x2" else 1
   assert all(len(b.convs) == inner + 1 for b in blocks)
   # Projections exactly where a block changes the shape (ResNet4P's
