@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -71,6 +72,36 @@ def compile_info(jitted, *args) -> dict:
   except Exception:  # pylint: disable=broad-except
     pass
   return out
+
+
+XLA_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
+@contextlib.contextmanager
+def compile_clock():
+  """Sums JAX's compile events while the block runs.
+
+  Yields a dict that fills in as the block runs: ``xla_compile_s`` and
+  ``xla_compiles`` (XLA backend compiles, the bulk of a first call) and
+  ``trace_lower_s`` (tracing and lowering to MLIR; nested traces may be
+  counted twice, so it is an upper estimate).
+  """
+  totals = {"xla_compile_s": 0.0, "xla_compiles": 0, "trace_lower_s": 0.0}
+
+  def listener(event, duration, **_):
+    if event == XLA_COMPILE_EVENT:
+      totals["xla_compile_s"] += duration
+      totals["xla_compiles"] += 1
+    elif event in TRACE_EVENTS:
+      totals["trace_lower_s"] += duration
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield totals
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def peak_rss_bytes() -> int:
