@@ -303,7 +303,7 @@ def class_row_factor(chain, *, kind: str, layer_norms: dict,
 
 
 def _lanczos_run(chain, products, *, delta, seed, target_factor, max_steps,
-                 progress) -> lanczos.LanczosRun:
+                 progress, sweeps="fused") -> lanczos.LanczosRun:
   """Lanczos for ``products``, stopped once every factor is on target.
 
   The stopping test ignores the evaluation error allowance (it only decides
@@ -322,7 +322,7 @@ def _lanczos_run(chain, products, *, delta, seed, target_factor, max_steps,
     return True
 
   return lanczos.run(chain, products, max_steps=max_steps, done=done,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, sweeps=sweeps)
 
 
 def _stops(max_steps: int) -> int:
@@ -347,7 +347,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   layer_norms_out: dict | None = None,
                   deterministic: bool = False,
                   layer_norms_in: dict | None = None,
-                  interior_scales: bool = True) -> NormCertificate:
+                  interior_scales: bool = True,
+                  lanczos_sweeps: str = "fused") -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -369,6 +370,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       allowances, where the products do not include layer ``k`` alone.
     interior_scales: add :func:`interior_scale_allowance` to the products
       with scales inside (False: the caller accounts for its scales).
+    lanczos_sweeps: :func:`lipjax.lanczos.run`'s ``sweeps`` (how the steps
+      compile; the same arithmetic).
 
   Returns:
     A :class:`NormCertificate`.
@@ -395,7 +398,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   if random:
     run = _lanczos_run(chain, [products[i] for i in random], delta=delta,
                        seed=seed, target_factor=target_factor,
-                       max_steps=max_steps, progress=progress)
+                       max_steps=max_steps, progress=progress,
+                       sweeps=lanczos_sweeps)
   delta_p = delta / len(random) if random else 0.0
   norms, upper = np.zeros(len(products)), np.zeros(len(products))
   steps = np.zeros(len(products), np.int64)

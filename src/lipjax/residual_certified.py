@@ -42,6 +42,9 @@ from lipjax.residual_graph import ResidualGraph
 # Relative allowance for the float64 arithmetic of the recursion itself:
 # at most a few hundred roundings of nonnegative terms, each 2^-53.
 ASSEMBLY_ROUNDING = 1e-12
+# The maps are many chains of distinct structures made of few distinct ops:
+# Lanczos compiles per op, not per map (lipjax.per_op; the same numbers).
+LANCZOS_SWEEPS = "per_op"
 
 
 def _to_float64(graph: ResidualGraph) -> ResidualGraph:
@@ -127,7 +130,8 @@ def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
         delta=delta_each, seed=seed, target_factor=target_factor,
         max_steps=max_steps, max_exact_bytes=max_exact_bytes,
         deterministic=deterministic, layer_norms_in=bounds,
-        interior_scales=False)  # scale_allowance below covers them.
+        interior_scales=False,  # scale_allowance below covers them.
+        lanczos_sweeps=LANCZOS_SWEEPS)
     parts.append((part, scale_allowance(chain, inner, bounds)))
     bar.update(1)
   bar.close()
