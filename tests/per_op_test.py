@@ -1,10 +1,10 @@
-"""Lanczos with per-op compiled sweeps (lipjax.per_op, sweeps="per_op").
+"""Per-op compiled sweeps (lipjax.per_op, sweeps="per_op").
 
-The per-op sweeps compute what the fused step computes (plain chains with
-many products, residual maps through skip connections), a chain of a new
-structure whose ops' shapes were seen before compiles nothing new (the
-point: a residual network's maps), and the residual certified bound that
-uses them equals the one from fused steps.
+Lanczos and exact Gram norms with per-op sweeps compute what the fused
+programs compute (plain chains with many products, residual maps through
+skip connections), a chain of a new structure whose ops' shapes were seen
+before compiles nothing new (the point: a residual network's maps), and the
+residual certified bound that uses them equals the one from fused sweeps.
 """
 
 import jax
@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import lipjax
+from lipjax import exact
 from lipjax import lanczos
 from lipjax import per_op
 from lipjax import residual_certified
@@ -69,21 +70,38 @@ def _compiles(fn) -> int:
   return count[0]
 
 
-def test_a_new_chain_structure_of_known_ops_compiles_nothing():
+def _lanczos(chain, sweeps):
+  return lanczos.run(chain, [(0, chain.num_layers - 1)], max_steps=8, seed=1,
+                     sweeps=sweeps)
+
+
+def _exact(chain, sweeps):
+  return exact.product_norm(chain, (0, chain.num_layers - 1), sweeps=sweeps)
+
+
+@pytest.mark.parametrize("run", [_lanczos, _exact])
+def test_a_new_chain_structure_of_known_ops_compiles_nothing(run):
   three = chains.dense_chain((7, 7, 7, 7), seed=4)
   two = LinearChain(ops=three.ops[1:])  # Another structure, same ops.
-  run = lambda chain, sweeps: lanczos.run(
-      chain, [(0, chain.num_layers - 1)], max_steps=8, seed=1, sweeps=sweeps)
   run(three, "per_op")
   run(three, "fused")
   assert _compiles(lambda: run(two, "per_op")) == 0
   assert _compiles(lambda: run(two, "fused")) > 0  # One step per structure.
 
 
-def test_unknown_sweeps_raise():
+def test_exact_norms_per_op_match_fused_on_residual_maps():
+  graph = residual_graph.from_model(_tiny_resnet())
+  for product in [(0, graph.num_nodes), (2, graph.num_nodes)]:
+    chain = residual_graph.product_chain(graph, product)
+    np.testing.assert_allclose(_exact(chain, "per_op"),
+                               _exact(chain, "fused"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("run", [_lanczos, _exact])
+def test_unknown_sweeps_raise(run):
   chain = chains.dense_chain((3, 3), seed=0)
   with pytest.raises(ValueError, match="sweeps must be one of"):
-    lanczos.run(chain, [(0, 0)], max_steps=8, sweeps="loop")
+    run(chain, "loop")
 
 
 def test_compiled_op_keeps_the_op_and_its_adjoint():
@@ -99,14 +117,19 @@ def test_compiled_op_keeps_the_op_and_its_adjoint():
   assert wrapped.in_shape == op.in_shape
 
 
-def test_residual_certified_bound_same_with_fused_steps(monkeypatch):
+@pytest.mark.parametrize("exact_norms", [False, True])
+def test_residual_certified_bound_same_with_fused_sweeps(monkeypatch,
+                                                         exact_norms):
   model = _tiny_resnet(seed=1)
-  assert residual_certified.LANCZOS_SWEEPS == "per_op"
-  bound, info = lipjax.bound(model, seed=7, return_info=True)
-  monkeypatch.setattr(residual_certified, "LANCZOS_SWEEPS", "fused")
-  fused, fused_info = lipjax.bound(model, seed=7, return_info=True)
+  assert residual_certified.SWEEPS == "per_op"
+  bound, info = lipjax.bound(model, seed=7, exact=exact_norms,
+                             return_info=True)
+  monkeypatch.setattr(residual_certified, "SWEEPS", "fused")
+  fused, fused_info = lipjax.bound(model, seed=7, exact=exact_norms,
+                                   return_info=True)
   np.testing.assert_allclose(np.asarray(bound), np.asarray(fused),
                              rtol=1e-6)
   np.testing.assert_array_equal(info.certificate.steps,
                                 fused_info.certificate.steps)
-  assert set(info.certificate.sources) == {"lanczos"}
+  assert set(info.certificate.sources) == {
+      "exact" if exact_norms else "lanczos"}

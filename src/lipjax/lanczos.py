@@ -60,7 +60,6 @@ STEPS_PER_CALL = 1
 BLOCK = 32
 BREAKDOWN = 1e-12
 DEFAULT_MAX_BYTES = 2 * 2**30
-SWEEPS = ("fused", "per_op")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,8 +396,7 @@ def run(chain: LinearChain, products: Sequence[Product], *,
     A :class:`LanczosRun` (with the seed actually used).
   """
   products = power_iteration._check_products(chain, products)  # pylint: disable=protected-access
-  if sweeps not in SWEEPS:
-    raise ValueError(f"sweeps must be one of {SWEEPS}, got {sweeps!r}.")
+  per_op.check_sweeps(sweeps)
   if max_steps < 1:
     raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
   max_steps = -(-int(max_steps) // CHUNK) * CHUNK

@@ -243,7 +243,8 @@ def interior_scale_allowance(chain, product, layer_norms: dict, *,
   return rho * math.prod(norms)
 
 
-def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
+def _exact_norms(chain, products, max_exact_bytes, progress,
+                 sweeps="fused") -> np.ndarray:
   """Exact norms, one product at a time so that the bar names it."""
   sizes = [exact_lib.gram_size(chain, p) for p in products]
   for size in sizes:  # Every size is checked before any work.
@@ -257,7 +258,8 @@ def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
     (s, e), side = size.product, size.side
     bar.set_postfix_str(f"W_{e}...W_{s} ({side}x{side} Gram)")
     norms.append(exact_lib.product_norm(chain, size.product,
-                                        max_bytes=max_exact_bytes))
+                                        max_bytes=max_exact_bytes,
+                                        sweeps=sweeps))
     bar.update(1)
   bar.close()
   return np.asarray(norms, np.float64)
@@ -348,7 +350,7 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   deterministic: bool = False,
                   layer_norms_in: dict | None = None,
                   interior_scales: bool = True,
-                  lanczos_sweeps: str = "fused") -> NormCertificate:
+                  sweeps: str = "fused") -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -370,8 +372,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       allowances, where the products do not include layer ``k`` alone.
     interior_scales: add :func:`interior_scale_allowance` to the products
       with scales inside (False: the caller accounts for its scales).
-    lanczos_sweeps: :func:`lipjax.lanczos.run`'s ``sweeps`` (how the steps
-      compile; the same arithmetic).
+    sweeps: how Lanczos steps and exact Gram columns compile: ``"fused"``
+      or ``"per_op"`` (:mod:`lipjax.per_op`; the same arithmetic).
 
   Returns:
     A :class:`NormCertificate`.
@@ -393,13 +395,13 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   exact_values = dict(zip(
       [i for i, e in enumerate(use_exact) if e],
       _exact_norms(chain, [p for p, e in zip(products, use_exact) if e],
-                   max_exact_bytes, progress)))
+                   max_exact_bytes, progress, sweeps)))
   run = None
   if random:
     run = _lanczos_run(chain, [products[i] for i in random], delta=delta,
                        seed=seed, target_factor=target_factor,
                        max_steps=max_steps, progress=progress,
-                       sweeps=lanczos_sweeps)
+                       sweeps=sweeps)
   delta_p = delta / len(random) if random else 0.0
   norms, upper = np.zeros(len(products)), np.zeros(len(products))
   steps = np.zeros(len(products), np.int64)
@@ -423,7 +425,7 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       certified, splits[products[i]] = deterministic_lib.split_bound(
           chain, products[i], max_bytes=max_exact_bytes, cache=segment_cache,
           exact_norm=lambda seg: exact_certified(seg, exact_lib.product_norm(
-              chain, seg, max_bytes=max_exact_bytes)))
+              chain, seg, max_bytes=max_exact_bytes, sweeps=sweeps)))
       norms[i] = certified
     else:
       r = run.products.index(products[i])

@@ -19,6 +19,15 @@ from typing import Any
 
 import jax
 
+# How sweeps through a chain compile: one program per chain structure, or
+# one per op (this module).
+SWEEPS = ("fused", "per_op")
+
+
+def check_sweeps(sweeps: str) -> None:
+  if sweeps not in SWEEPS:
+    raise ValueError(f"sweeps must be one of {SWEEPS}, got {sweeps!r}.")
+
 
 @jax.jit
 def _call(op, x):

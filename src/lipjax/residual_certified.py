@@ -43,8 +43,9 @@ from lipjax.residual_graph import ResidualGraph
 # at most a few hundred roundings of nonnegative terms, each 2^-53.
 ASSEMBLY_ROUNDING = 1e-12
 # The maps are many chains of distinct structures made of few distinct ops:
-# Lanczos compiles per op, not per map (lipjax.per_op; the same numbers).
-LANCZOS_SWEEPS = "per_op"
+# Lanczos and exact Gram columns compile per op, not per map
+# (lipjax.per_op; the same numbers).
+SWEEPS = "per_op"
 
 
 def _to_float64(graph: ResidualGraph) -> ResidualGraph:
@@ -131,7 +132,7 @@ def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
         max_steps=max_steps, max_exact_bytes=max_exact_bytes,
         deterministic=deterministic, layer_norms_in=bounds,
         interior_scales=False,  # scale_allowance below covers them.
-        lanczos_sweeps=LANCZOS_SWEEPS)
+        sweeps=SWEEPS)
     parts.append((part, scale_allowance(chain, inner, bounds)))
     bar.update(1)
   bar.close()
