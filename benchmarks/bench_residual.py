@@ -32,6 +32,7 @@ from flax import nnx
 import lipjax
 from benchmarks import bench_bound, common
 from lipjax import residual_bounds
+from lipjax import residual_certified
 from lipjax import residual_graph
 from lipjax import residual_models
 
@@ -44,6 +45,10 @@ ITERATIONS = 5
 DEPTHS = ((2, 2), (4, 4), (8, 8), (16, 16))
 # Run after the families and the trained model (hours on 2 cores).
 LARGE_BLOCKS = 17
+# Above this many blocks the training-mode LipLT program is only lowered:
+# at 16 blocks its XLA compile takes tens of minutes and ~6 GB on 2 cores,
+# and grows faster than the program (5x larger at 32 blocks).
+TRAINING_COMPILE_MAX_BLOCKS = 16
 # Exact Gram norms (and the certified / exact ratio) up to this many blocks.
 EXACT_MAX_BLOCKS = 8
 # The LiResNet and two-activation families are measured at this depth.
@@ -119,8 +124,13 @@ def _interleaved(calls: dict, repeats: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def training_times(model, *, repeats: int) -> dict:
-  """Training-mode bound (value and gradient), LipLT and naive."""
+def training_times(model, *, repeats: int, compile_liplt: bool = True
+                   ) -> dict:
+  """Training-mode bound (value and gradient), LipLT and naive.
+
+  With ``compile_liplt=False`` the LipLT program is only lowered (its size
+  is recorded): XLA's compile of it grows faster than the maps' ops.
+  """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   calls, out = {}, {}
   for method in ("liplt", "naive"):
@@ -132,8 +142,13 @@ def training_times(model, *, repeats: int) -> dict:
     start = time.perf_counter()
     lowered = fn.lower(params, state)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
     out[f"{method}_lower_s"] = lowered_at - start
+    out[f"{method}_mlir_mb"] = len(lowered.as_text()) / 1e6
+    if method == "liplt" and not compile_liplt:
+      out.update(liplt_compile_s=None, liplt_median_s=None)
+      continue
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
     out[f"{method}_compile_s"] = time.perf_counter() - lowered_at
     common.block(compiled(params, state))  # warm-up
     calls[method] = (lambda c=compiled, s=state: c(params, s))
@@ -189,23 +204,34 @@ def _offdiag_mean(bound) -> float:
 
 
 def certified_case(model, *, label: str, exact: bool, repeats: int, sink,
-                   extra=None) -> None:
-  """Certified calls, tightness ratios; one record."""
+                   extra=None, sweeps: str = residual_certified.SWEEPS
+                   ) -> None:
+  """Certified calls, tightness ratios; one record.
+
+  ``sweeps`` sets :data:`lipjax.residual_certified.SWEEPS` for the case
+  (``"fused"``: one compiled program per map, the code before per-op
+  sweeps).
+  """
   record = {"name": "residual_certified", "model": label, **describe(model),
-            "load_start": common.load_average()}
-  times, bounds = certified_times(model, repeats=repeats)
-  record.update(times)
-  record.update(pair_ratios(bounds["liplt"], bounds["naive"], "ratio"))
-  record["liplt_pair_mean"] = _offdiag_mean(bounds["liplt"])
-  record["naive_pair_mean"] = _offdiag_mean(bounds["naive"])
-  if exact:
-    start = time.perf_counter()
-    _, exact_bounds = certified_times(model, repeats=0, exact=True)
-    record["exact_s"] = time.perf_counter() - start
-    record.update(pair_ratios(exact_bounds["liplt"], exact_bounds["naive"],
-                              "exact_ratio"))
-    record.update(pair_ratios(bounds["liplt"], exact_bounds["liplt"],
-                              "certified_over_exact"))
+            "sweeps": sweeps, "load_start": common.load_average()}
+  default = residual_certified.SWEEPS
+  residual_certified.SWEEPS = sweeps
+  try:
+    times, bounds = certified_times(model, repeats=repeats)
+    record.update(times)
+    record.update(pair_ratios(bounds["liplt"], bounds["naive"], "ratio"))
+    record["liplt_pair_mean"] = _offdiag_mean(bounds["liplt"])
+    record["naive_pair_mean"] = _offdiag_mean(bounds["naive"])
+    if exact:
+      start = time.perf_counter()
+      _, exact_bounds = certified_times(model, repeats=0, exact=True)
+      record["exact_s"] = time.perf_counter() - start
+      record.update(pair_ratios(exact_bounds["liplt"], exact_bounds["naive"],
+                                "exact_ratio"))
+      record.update(pair_ratios(bounds["liplt"], exact_bounds["liplt"],
+                                "certified_over_exact"))
+  finally:
+    residual_certified.SWEEPS = default
   record["load_average_1min"] = common.load_average()
   common.emit({**record, **(extra or {})}, sink)
 
@@ -214,7 +240,9 @@ def training_case(model, *, label: str, repeats: int, sink,
                   extra=None) -> None:
   record = {"name": "residual_training", "model": label, **describe(model),
             "iterations": ITERATIONS, "load_start": common.load_average()}
-  record.update(training_times(model, repeats=repeats))
+  compile_liplt = record["blocks"] <= TRAINING_COMPILE_MAX_BLOCKS
+  record.update(training_times(model, repeats=repeats,
+                               compile_liplt=compile_liplt))
   record["load_average_1min"] = common.load_average()
   common.emit({**record, **(extra or {})}, sink)
 
@@ -263,12 +291,28 @@ def trained(workdir: str, *, sink) -> None:
                  sink=sink, extra=extra)
 
 
+def fused_sweeps(*, sink) -> None:
+  """The first case's certified calls with one compiled program per map.
+
+  Run after the per-op case in the same process, so the eager operations
+  both share are already compiled: the fused side's time is flattered.
+  """
+  case = cases(quick=False)[0]
+  certified_case(build(case.spec, case.input_shape),
+                 label=f"{case.label}, fused sweeps", exact=case.exact,
+                 repeats=2, sink=sink, sweeps="fused",
+                 extra={"family": "ablation",
+                        "input_shape": list(case.input_shape)})
+
+
 def run(*, quick: bool, sink, trained_workdir: str = "") -> None:
   """Every case; the largest depths last (they take hours on 2 cores)."""
   grid = cases(quick)
   for case in grid:
     if case.blocks < LARGE_BLOCKS:
       measure(case, quick=quick, sink=sink)
+  if not quick:
+    fused_sweeps(sink=sink)
   if trained_workdir:
     trained(trained_workdir, sink=sink)
   for case in grid:

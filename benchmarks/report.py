@@ -162,7 +162,8 @@ def render(records, meta) -> str:
 
 def render_residual(records, meta) -> str:
   """The residual networks' tables (:mod:`benchmarks.bench_residual`)."""
-  order = ("residual", "residual x2", "linear residual", "trained")
+  order = ("residual", "ablation", "residual x2", "linear residual",
+           "trained")
   key = lambda r: (order.index(r["family"]) if r.get("family") in order
                    else len(order), r.get("blocks", 0))
   by = lambda name: sorted((r for r in records if r.get("name") == name),
@@ -176,13 +177,17 @@ def render_residual(records, meta) -> str:
               "jitted value and gradient; medians of interleaved calls.", ""]
     lines += [_table(
         ["model", "blocks", "nodes", "maps LipLT / naive", "LipLT s",
-         "naive s", "LipLT lower s", "LipLT XLA s", "naive lower + XLA s",
-         "load"],
+         "naive s", "LipLT lower s", "LipLT MLIR MB", "LipLT XLA s",
+         "naive lower + XLA s", "load"],
         [[r["model"], r["blocks"], r["nodes"],
           f"{r['maps_liplt']} / {r['maps_naive']}", r["liplt_median_s"],
-          r["naive_median_s"], r["liplt_lower_s"], r["liplt_compile_s"],
-          r["naive_lower_s"] + r["naive_compile_s"], r["load_average_1min"]]
+          r["naive_median_s"], r["liplt_lower_s"], r.get("liplt_mlir_mb"),
+          r["liplt_compile_s"], r["naive_lower_s"] + r["naive_compile_s"],
+          f"{_f(r['load_start'], 1)}–{_f(r['load_average_1min'], 1)}"]
          for r in training]), ""]
+    if any(r["liplt_compile_s"] is None for r in training):
+      lines += ["LipLT XLA –: only lowered (`bench_residual."
+                "TRAINING_COMPILE_MAX_BLOCKS`).", ""]
   cert = by("residual_certified")
   if cert:
     lines += ["### Residual: certified bound and tightness", "",
