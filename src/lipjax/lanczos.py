@@ -235,6 +235,19 @@ _rows_jit = jax.jit(_rows)
 _update_jit = jax.jit(_update, donate_argnums=(0,))
 
 
+def _single_matvec(chain, product, q):
+  """:func:`_matvec` for one product: its ops in turn, no batching glue
+  (whose eager gathers would cost more than the ops' calls)."""
+  s, e = product
+  (rows,) = q
+  x = rows.reshape((-1,) + tuple(chain.ops[s].in_shape))
+  for op in chain.ops[s:e + 1]:
+    x = op(x)
+  for op in reversed(chain.ops[s:e + 1]):
+    x = op.transpose(x)
+  return (x,)
+
+
 def _per_op_steps(chain, products, carry, j0, count):
   """:func:`_steps` with the sweep run op by op from the host.
 
@@ -244,8 +257,11 @@ def _per_op_steps(chain, products, carry, j0, count):
   chain structure compiles nothing new unless its ops' shapes are new.
   """
   for i in range(count):
-    aq = _matvec(chain, products, _rows_jit(carry[0], j0 + i))
-    carry = _update_jit(carry, aq, j0 + i)
+    j = j0 + i
+    q = _rows_jit(carry[0], j)
+    aq = (_single_matvec(chain, products[0], q) if len(products) == 1
+          else _matvec(chain, products, q))
+    carry = _update_jit(carry, aq, j)
   return carry
 
 
