@@ -1,10 +1,12 @@
-"""Per-op compiled sweeps (lipjax.per_op, sweeps="per_op").
+"""A residual network's maps share their ops: per-op compiles and bounds.
 
-Lanczos and exact Gram norms with per-op sweeps compute what the fused
-programs compute (plain chains with many products, residual maps through
-skip connections), a chain of a new structure whose ops' shapes were seen
-before compiles nothing new (the point: a residual network's maps), and the
-residual certified bound that uses them equals the one from fused sweeps.
+Lanczos and exact Gram norms with per-op sweeps (lipjax.per_op,
+sweeps="per_op") compute what the fused programs compute (plain chains
+with many products, residual maps through skip connections), a chain of a
+new structure whose ops' shapes were seen before compiles nothing new (the
+point: a residual network's maps), and the residual certified bound that
+uses them equals the one from fused sweeps. The ops' proven norm bounds
+(rounding allowances) are computed once per op, with the same bound.
 """
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 
 import lipjax
+from lipjax import deterministic
 from lipjax import exact
 from lipjax import lanczos
 from lipjax import per_op
@@ -133,3 +136,23 @@ def test_residual_certified_bound_same_with_fused_sweeps(monkeypatch,
                                 fused_info.certificate.steps)
   assert set(info.certificate.sources) == {
       "exact" if exact_norms else "lanczos"}
+
+
+def test_op_bounds_are_computed_once_per_op_and_give_the_same_bound(
+    monkeypatch):
+  model = _tiny_resnet(seed=2)
+  calls = []
+  original = deterministic.op_upper_bound
+
+  def counted(op):
+    calls.append(op)
+    return original(op)
+
+  monkeypatch.setattr(deterministic, "op_upper_bound", counted)
+  cached = np.asarray(lipjax.bound(model, exact=True))
+  with_cache = len(calls)
+  calls.clear()
+  monkeypatch.setattr(residual_certified, "_op_key", lambda op: object())
+  uncached = np.asarray(lipjax.bound(model, exact=True))
+  np.testing.assert_array_equal(cached, uncached)
+  assert 0 < 3 * with_cache < len(calls)
