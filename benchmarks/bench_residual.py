@@ -203,6 +203,12 @@ def _offdiag_mean(bound) -> float:
   return float(bound[~np.eye(bound.shape[0], dtype=bool)].mean())
 
 
+def _recorded(sink, name: str, label: str) -> bool:
+  """Whether ``sink`` (a :class:`benchmarks.common.Records` of an earlier,
+  interrupted run) already holds this measurement."""
+  return isinstance(sink, common.Records) and sink.has(name, label)
+
+
 def certified_case(model, *, label: str, exact: bool, repeats: int, sink,
                    extra=None, sweeps: str = residual_certified.SWEEPS
                    ) -> None:
@@ -212,6 +218,8 @@ def certified_case(model, *, label: str, exact: bool, repeats: int, sink,
   (``"fused"``: one compiled program per map, the code before per-op
   sweeps).
   """
+  if _recorded(sink, "residual_certified", label):
+    return
   record = {"name": "residual_certified", "model": label, **describe(model),
             "sweeps": sweeps, "load_start": common.load_average()}
   default = residual_certified.SWEEPS
@@ -238,6 +246,8 @@ def certified_case(model, *, label: str, exact: bool, repeats: int, sink,
 
 def training_case(model, *, label: str, repeats: int, sink,
                   extra=None) -> None:
+  if _recorded(sink, "residual_training", label):
+    return
   record = {"name": "residual_training", "model": label, **describe(model),
             "iterations": ITERATIONS, "load_start": common.load_average()}
   compile_liplt = record["blocks"] <= TRAINING_COMPILE_MAX_BLOCKS

@@ -171,6 +171,32 @@ def emit(record: dict, sink: list) -> None:
   sink.append(clean)
 
 
+class Records(list):
+  """Benchmark records that survive a killed run.
+
+  With a ``path``, the records already in that JSONL file are loaded first
+  and every new one is appended to it as it is measured, so a rerun can
+  skip what :meth:`has` (long grids on a shared machine).
+  """
+
+  def __init__(self, path: str = ""):
+    super().__init__()
+    self.path = path
+    if path and os.path.exists(path):
+      with open(path) as f:
+        super().extend(json.loads(line) for line in f if line.strip())
+
+  def append(self, record: dict) -> None:
+    super().append(record)
+    if self.path:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def has(self, name: str, model: str) -> bool:
+    return any(r.get("name") == name and r.get("model") == model
+               for r in self)
+
+
 def random_batch(input_shape, num_classes, batch, seed=0):
   rng = np.random.default_rng(seed)
   return {"image": rng.integers(0, 256, (batch,) + tuple(input_shape),

@@ -49,6 +49,10 @@ def main(argv=None) -> int:
   parser.add_argument("--trained-residual-workdir", default="",
                       help="train.py workdir of a trained residual model "
                       "(residual section; restored read-only)")
+  parser.add_argument("--residual-records", default="",
+                      help="JSONL file the residual records are appended to "
+                      "as they are measured; a rerun with the same file "
+                      "measures only the missing ones")
   args = parser.parse_args(argv)
   only = set(args.only.split(","))
   archs = tuple(a for a in args.archs.split(",") if a) or None
@@ -61,8 +65,9 @@ def main(argv=None) -> int:
     parser.error(f"unknown sections {sorted(unknown)}; use "
                  f"{SECTIONS + OPT_IN}")
   residual_workdir = args.trained_residual_workdir
-  if residual_workdir and "residual" not in only:
-    parser.error("--trained-residual-workdir needs --only residual")
+  if (residual_workdir or args.residual_records) and "residual" not in only:
+    parser.error("--trained-residual-workdir and --residual-records need "
+                 "--only residual")
   if residual_workdir and not os.path.isfile(
       os.path.join(residual_workdir, "config.json")):
     parser.error(f"--trained-residual-workdir {residual_workdir} is not a "
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
                           trained_workdir=args.trained_workdir)
   if "ablation" in only:
     bench_train.ablation_unroll(quick=args.quick, sink=records)
-  residual = []
+  residual = common.Records(args.residual_records)
   if "residual" in only:
     bench_residual.run(quick=args.quick, sink=residual,
                        trained_workdir=residual_workdir)
