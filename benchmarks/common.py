@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,6 +74,36 @@ def compile_info(jitted, *args) -> dict:
   return out
 
 
+XLA_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
+@contextlib.contextmanager
+def compile_clock():
+  """Sums JAX's compile events while the block runs.
+
+  Yields a dict that fills in as the block runs: ``xla_compile_s`` and
+  ``xla_compiles`` (XLA backend compiles, the bulk of a first call) and
+  ``trace_lower_s`` (tracing and lowering to MLIR; nested traces may be
+  counted twice, so it is an upper estimate).
+  """
+  totals = {"xla_compile_s": 0.0, "xla_compiles": 0, "trace_lower_s": 0.0}
+
+  def listener(event, duration, **_):
+    if event == XLA_COMPILE_EVENT:
+      totals["xla_compile_s"] += duration
+      totals["xla_compiles"] += 1
+    elif event in TRACE_EVENTS:
+      totals["trace_lower_s"] += duration
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield totals
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -138,6 +169,32 @@ def emit(record: dict, sink: list) -> None:
            for k, v in record.items()}
   print(json.dumps(clean), flush=True)
   sink.append(clean)
+
+
+class Records(list):
+  """Benchmark records that survive a killed run.
+
+  With a ``path``, the records already in that JSONL file are loaded first
+  and every new one is appended to it as it is measured, so a rerun can
+  skip what :meth:`has` (long grids on a shared machine).
+  """
+
+  def __init__(self, path: str = ""):
+    super().__init__()
+    self.path = path
+    if path and os.path.exists(path):
+      with open(path) as f:
+        super().extend(json.loads(line) for line in f if line.strip())
+
+  def append(self, record: dict) -> None:
+    super().append(record)
+    if self.path:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def has(self, name: str, model: str) -> bool:
+    return any(r.get("name") == name and r.get("model") == model
+               for r in self)
 
 
 def random_batch(input_shape, num_classes, batch, seed=0):

@@ -3,9 +3,12 @@
   python -m benchmarks.run --quick          # a few minutes on 2 CPU cores
   python -m benchmarks.run                  # the full grid
   python -m benchmarks.run --only bound,train
+  python -m benchmarks.run --only residual --quick   # about 2 minutes
 
 One JSON line per measurement goes to stdout; the generated section of
 BENCHMARKS.md (between its markers) is replaced, hand-written notes are kept.
+The residual networks' section is opt-in (hours at 32 blocks) and has its
+own generated section.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import os
 import sys
 import time
 
-from benchmarks import bench_bound, bench_train, common, report
+from benchmarks import bench_bound, bench_residual, bench_train, common
+from benchmarks import report
 
 SECTIONS = ("peak", "train", "bound", "certification", "depth", "tightness",
             "ablation")
+# Not run by default; written to their own generated section.
+OPT_IN = ("residual",)
 
 
 def main(argv=None) -> int:
@@ -28,7 +34,8 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true",
                       help="fewer cases and repetitions (a few minutes)")
   parser.add_argument("--only", default=",".join(SECTIONS),
-                      help=f"comma-separated subset of {SECTIONS}")
+                      help=f"comma-separated subset of {SECTIONS} or "
+                      f"{OPT_IN} (opt-in; default: all of the former)")
   parser.add_argument("--output", default="BENCHMARKS.md",
                       help="markdown file to update ('' to skip)")
   parser.add_argument("--jsonl", default="",
@@ -39,6 +46,13 @@ def main(argv=None) -> int:
                       "8C2F is 64x64x3 with 200 classes)")
   parser.add_argument("--trained-workdir", default="runs/fashion_mnist_quick",
                       help="train.py workdir of a trained model (tightness)")
+  parser.add_argument("--trained-residual-workdir", default="",
+                      help="train.py workdir of a trained residual model "
+                      "(residual section; restored read-only)")
+  parser.add_argument("--residual-records", default="",
+                      help="JSONL file the residual records are appended to "
+                      "as they are measured; a rerun with the same file "
+                      "measures only the missing ones")
   args = parser.parse_args(argv)
   only = set(args.only.split(","))
   archs = tuple(a for a in args.archs.split(",") if a) or None
@@ -46,9 +60,18 @@ def main(argv=None) -> int:
   if unknown_archs:
     parser.error(f"unknown archs {sorted(unknown_archs)}; use "
                  f"{tuple(common.ARCHS)}")
-  unknown = only - set(SECTIONS)
+  unknown = only - set(SECTIONS) - set(OPT_IN)
   if unknown:
-    parser.error(f"unknown sections {sorted(unknown)}; use {SECTIONS}")
+    parser.error(f"unknown sections {sorted(unknown)}; use "
+                 f"{SECTIONS + OPT_IN}")
+  residual_workdir = args.trained_residual_workdir
+  if (residual_workdir or args.residual_records) and "residual" not in only:
+    parser.error("--trained-residual-workdir and --residual-records need "
+                 "--only residual")
+  if residual_workdir and not os.path.isfile(
+      os.path.join(residual_workdir, "config.json")):
+    parser.error(f"--trained-residual-workdir {residual_workdir} is not a "
+                 "train.py workdir (no config.json)")
 
   start = time.perf_counter()
   machine = common.machine_info()
@@ -71,6 +94,10 @@ def main(argv=None) -> int:
                           trained_workdir=args.trained_workdir)
   if "ablation" in only:
     bench_train.ablation_unroll(quick=args.quick, sink=records)
+  residual = common.Records(args.residual_records)
+  if "residual" in only:
+    bench_residual.run(quick=args.quick, sink=residual,
+                       trained_workdir=residual_workdir)
   meta = {"command": "python -m benchmarks.run " + " ".join(
               argv if argv is not None else sys.argv[1:]),
           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -79,10 +106,13 @@ def main(argv=None) -> int:
           "peak_rss": common.peak_rss_bytes()}
   if args.jsonl:
     with open(args.jsonl, "a") as f:
-      for r in records:
+      for r in records + residual:
         f.write(json.dumps(r) + "\n")
   if args.output:
-    report.write(args.output, records, meta)
+    if only & set(SECTIONS):
+      report.write(args.output, records, meta)
+    if residual:
+      report.write(args.output, residual, meta, section="residual")
     print(f"# wrote {os.path.abspath(args.output)} "
           f"({meta['wall_s']:.0f} s)", flush=True)
   return 0

@@ -12,7 +12,6 @@ memory grows as ``8 d^2`` bytes with ``d = min(n, m)``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax import per_op
 from lipjax.linear_maps import LinearChain
 from lipjax.power_iteration import Product, _check_products
 
@@ -55,9 +55,8 @@ def fits(chain: LinearChain, product: Product,
   return gram_size(chain, product).gram_bytes <= max_bytes
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _gram_columns(chain: LinearChain, start: int, end: int, input_side: bool,
-                  basis_rows: jax.Array) -> jax.Array:
+def _gram_columns_fn(chain: LinearChain, start: int, end: int,
+                     input_side: bool, basis_rows: jax.Array) -> jax.Array:
   """``P^T P E`` (input side) or ``P P^T E`` (output side) for basis rows E."""
   if input_side:
     out = chain.transpose_product(start, end,
@@ -68,9 +67,12 @@ def _gram_columns(chain: LinearChain, start: int, end: int, input_side: bool,
   return out.reshape(out.shape[0], -1)
 
 
+_gram_columns = jax.jit(_gram_columns_fn, static_argnums=(1, 2, 3))
+
+
 def product_norm(chain: LinearChain, product: Product, *,
                  max_bytes: int = DEFAULT_MAX_BYTES,
-                 chunk_size: int = 512) -> float:
+                 chunk_size: int = 512, sweeps: str = "fused") -> float:
   """``||W_e ... W_s||`` in float64 from the Gram matrix on the smaller side.
 
   Args:
@@ -78,6 +80,9 @@ def product_norm(chain: LinearChain, product: Product, *,
     product: ``(s, e)``.
     max_bytes: refuse Gram matrices larger than this.
     chunk_size: basis vectors pushed through the map at once.
+    sweeps: ``"fused"``: one compiled program per product and chain
+      structure; ``"per_op"``: per op, shared across chains
+      (:mod:`lipjax.per_op`; for many chains of distinct structures).
 
   Returns:
     The spectral norm, a Python float.
@@ -88,6 +93,7 @@ def product_norm(chain: LinearChain, product: Product, *,
   """
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  per_op.check_sweeps(sweeps)
   size = gram_size(chain, product)
   s, e = size.product
   if size.gram_bytes > max_bytes:
@@ -104,13 +110,16 @@ def product_norm(chain: LinearChain, product: Product, *,
   gram = np.empty((side, side), np.float64)
   with jax.enable_x64(True):
     chain64 = chain.astype(jnp.float64)
+    columns = _gram_columns
+    if sweeps == "per_op":
+      chain64, columns = per_op.compiled_ops(chain64), _gram_columns_fn
     for lo in range(0, side, chunk_size):
       hi = min(side, lo + chunk_size)
       basis = np.zeros((hi - lo, side), np.float64)
       basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
       basis = jnp.asarray(basis).reshape((hi - lo,) + tuple(shape))
       gram[lo:hi] = np.asarray(
-          _gram_columns(chain64, s, e, input_side, basis))
+          columns(chain64, s, e, input_side, basis))
   gram = 0.5 * (gram + gram.T)
   top = float(np.linalg.eigvalsh(gram)[-1])
   return math.sqrt(max(top, 0.0))

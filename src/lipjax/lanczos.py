@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax import per_op
 from lipjax import power_iteration
 from lipjax.linear_maps import LinearChain
 from lipjax.linear_maps import LinearOp
@@ -159,8 +160,32 @@ def _reorthogonalize(w, basis, filled):
   return w - jax.lax.fori_loop(0, blocks, correction, jnp.zeros_like(w))
 
 
-def _step(chain, products, carry, j):
-  """One Lanczos step ``j`` (0-based) for every product at once.
+def _matvec(chain, products, q):
+  """``P^T P q`` for every product: one batched forward and adjoint sweep.
+
+  Args:
+    q: per group of products sharing a start layer, ``[c, d]`` rows.
+
+  Returns:
+    Per group, ``[c, *in_shape]``.
+  """
+  shapes = [tuple(chain.ops[s].in_shape)
+            for s in power_iteration._starts(products)]  # pylint: disable=protected-access
+  return power_iteration._adjoint(  # pylint: disable=protected-access
+      chain, products,
+      power_iteration._forward(  # pylint: disable=protected-access
+          chain, products,
+          tuple(v.reshape((-1,) + shape) for v, shape in zip(q, shapes))))
+
+
+def _rows(basis, j):
+  """Row ``j`` of every group's stored basis."""
+  return tuple(jax.lax.dynamic_index_in_dim(b, j, axis=1, keepdims=False)
+               for b in basis)
+
+
+def _update(carry, aq, j):
+  """Step ``j`` (0-based) of every product from ``aq = A q_j``.
 
   ``carry`` holds, per group of products sharing a start layer, the basis
   ``[c, rows, d]`` (flattened vectors, ``rows > max_steps``), ``alpha`` and
@@ -168,18 +193,8 @@ def _step(chain, products, carry, j):
   :func:`_initial_carry`).
   """
   basis, alpha, beta, scale = carry
-  shapes = [tuple(chain.ops[s].in_shape)
-            for s in power_iteration._starts(products)]  # pylint: disable=protected-access
-  q = tuple(jax.lax.dynamic_index_in_dim(b, j, axis=1, keepdims=False)
-            for b in basis)
-  q_prev = tuple(jax.lax.dynamic_index_in_dim(b, jnp.maximum(j - 1, 0),
-                                              axis=1, keepdims=False)
-                 for b in basis)
-  aq = power_iteration._adjoint(  # pylint: disable=protected-access
-      chain, products,
-      power_iteration._forward(  # pylint: disable=protected-access
-          chain, products,
-          tuple(v.reshape((-1,) + shape) for v, shape in zip(q, shapes))))
+  q = _rows(basis, j)
+  q_prev = _rows(basis, jnp.maximum(j - 1, 0))
   new_basis, new_alpha, new_beta, new_scale = [], [], [], []
   for g, (b, w, qj, qp) in enumerate(zip(basis, aq, q, q_prev)):
     w = w.reshape(qj.shape)
@@ -204,6 +219,11 @@ def _step(chain, products, carry, j):
           tuple(new_scale))
 
 
+def _step(chain, products, carry, j):
+  """One Lanczos step ``j`` (0-based) for every product at once."""
+  return _update(carry, _matvec(chain, products, _rows(carry[0], j)), j)
+
+
 def _steps(chain, products, carry, j0, count):
   for i in range(count):
     carry = _step(chain, products, carry, j0 + i)
@@ -211,6 +231,38 @@ def _steps(chain, products, carry, j0, count):
 
 
 _steps_jit = jax.jit(_steps, static_argnums=(1, 4), donate_argnums=(2,))
+_rows_jit = jax.jit(_rows)
+_update_jit = jax.jit(_update, donate_argnums=(0,))
+
+
+def _single_matvec(chain, product, q):
+  """:func:`_matvec` for one product: its ops in turn, no batching glue
+  (whose eager gathers would cost more than the ops' calls)."""
+  s, e = product
+  (rows,) = q
+  x = rows.reshape((-1,) + tuple(chain.ops[s].in_shape))
+  for op in chain.ops[s:e + 1]:
+    x = op(x)
+  for op in reversed(chain.ops[s:e + 1]):
+    x = op.transpose(x)
+  return (x,)
+
+
+def _per_op_steps(chain, products, carry, j0, count):
+  """:func:`_steps` with the sweep run op by op from the host.
+
+  ``chain`` is :func:`lipjax.per_op.compiled_ops` of the chain: every op
+  call is a compiled program shared with other chains that hold such an
+  op, and the update compiles once per basis shape, so a run on a new
+  chain structure compiles nothing new unless its ops' shapes are new.
+  """
+  for i in range(count):
+    j = j0 + i
+    q = _rows_jit(carry[0], j)
+    aq = (_single_matvec(chain, products[0], q) if len(products) == 1
+          else _matvec(chain, products, q))
+    carry = _update_jit(carry, aq, j)
+  return carry
 
 
 def _start_vectors(chain, products, seed: int) -> tuple[np.ndarray, ...]:
@@ -262,7 +314,8 @@ def _by_product(products, groups) -> list[np.ndarray]:
   return out
 
 
-def _run_batch(chain64, products, *, seed: int, max_steps: int, done, bar):
+def _run_batch(chain64, products, *, seed: int, max_steps: int, done, bar,
+               sweeps: str):
   """Lanczos for one batch, in chunks, until ``done`` or ``max_steps``.
 
   Returns:
@@ -270,11 +323,14 @@ def _run_batch(chain64, products, *, seed: int, max_steps: int, done, bar):
   """
   starts = _start_vectors(chain64, products, seed)
   carry = _initial_carry(starts, max_steps)
+  steps_fn, chain = _steps_jit, chain64
+  if sweeps == "per_op":
+    steps_fn, chain = _per_op_steps, per_op.compiled_ops(chain64)
   steps = 0
   while steps < max_steps:
     for j in range(steps, steps + CHUNK, STEPS_PER_CALL):
-      carry = _steps_jit(chain64, products, carry, jnp.asarray(j),
-                         STEPS_PER_CALL)
+      carry = steps_fn(chain, products, carry, jnp.asarray(j),
+                       STEPS_PER_CALL)
     steps += CHUNK
     bar.update(CHUNK)
     alphas = _by_product(products,
@@ -332,7 +388,7 @@ def _sided_batches(chain, products, steps: int, max_bytes: int):
 def run(chain: LinearChain, products: Sequence[Product], *,
         max_steps: int, done=None, seed: int | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        progress: bool = False) -> LanczosRun:
+        progress: bool = False, sweeps: str = "fused") -> LanczosRun:
   """Float64 Lanczos from uniform random starts for every product.
 
   Args:
@@ -346,11 +402,17 @@ def run(chain: LinearChain, products: Sequence[Product], *,
     seed: seed of the start vectors; None draws one from OS entropy.
     max_bytes: memory for the stored bases of one batch of products.
     progress: a progress bar over the steps.
+    sweeps: ``"fused"``: each step is one compiled program (per chain
+      structure); ``"per_op"``: each op call is its own compiled program,
+      shared across chains (:mod:`lipjax.per_op`): for many chains of
+      different structures built from few distinct ops, such as the maps of
+      a residual network, where compiling dominates.
 
   Returns:
     A :class:`LanczosRun` (with the seed actually used).
   """
   products = power_iteration._check_products(chain, products)  # pylint: disable=protected-access
+  per_op.check_sweeps(sweeps)
   if max_steps < 1:
     raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
   max_steps = -(-int(max_steps) // CHUNK) * CHUNK
@@ -367,7 +429,7 @@ def run(chain: LinearChain, products: Sequence[Product], *,
                   else tuple(_flip(chain, q) for q in batch))
       a, bt = _run_batch(
           chain64 if side == "input" else _adjoint_chain(chain64), batch,
-          seed=seed, max_steps=max_steps, bar=bar,
+          seed=seed, max_steps=max_steps, bar=bar, sweeps=sweeps,
           done=lambda _, al, be, o=original: done(o, al, be))
       for p, ap, bp in zip(original, a, bt):
         alphas[products.index(p)], betas[products.index(p)] = ap, bp

@@ -243,7 +243,8 @@ def interior_scale_allowance(chain, product, layer_norms: dict, *,
   return rho * math.prod(norms)
 
 
-def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
+def _exact_norms(chain, products, max_exact_bytes, progress,
+                 sweeps="fused") -> np.ndarray:
   """Exact norms, one product at a time so that the bar names it."""
   sizes = [exact_lib.gram_size(chain, p) for p in products]
   for size in sizes:  # Every size is checked before any work.
@@ -257,7 +258,8 @@ def _exact_norms(chain, products, max_exact_bytes, progress) -> np.ndarray:
     (s, e), side = size.product, size.side
     bar.set_postfix_str(f"W_{e}...W_{s} ({side}x{side} Gram)")
     norms.append(exact_lib.product_norm(chain, size.product,
-                                        max_bytes=max_exact_bytes))
+                                        max_bytes=max_exact_bytes,
+                                        sweeps=sweeps))
     bar.update(1)
   bar.close()
   return np.asarray(norms, np.float64)
@@ -303,7 +305,7 @@ def class_row_factor(chain, *, kind: str, layer_norms: dict,
 
 
 def _lanczos_run(chain, products, *, delta, seed, target_factor, max_steps,
-                 progress) -> lanczos.LanczosRun:
+                 progress, sweeps="fused") -> lanczos.LanczosRun:
   """Lanczos for ``products``, stopped once every factor is on target.
 
   The stopping test ignores the evaluation error allowance (it only decides
@@ -322,7 +324,7 @@ def _lanczos_run(chain, products, *, delta, seed, target_factor, max_steps,
     return True
 
   return lanczos.run(chain, products, max_steps=max_steps, done=done,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, sweeps=sweeps)
 
 
 def _stops(max_steps: int) -> int:
@@ -347,7 +349,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
                   layer_norms_out: dict | None = None,
                   deterministic: bool = False,
                   layer_norms_in: dict | None = None,
-                  interior_scales: bool = True) -> NormCertificate:
+                  interior_scales: bool = True,
+                  sweeps: str = "fused") -> NormCertificate:
   """Certified upper bounds on the norms of ``products``.
 
   Args:
@@ -369,6 +372,8 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       allowances, where the products do not include layer ``k`` alone.
     interior_scales: add :func:`interior_scale_allowance` to the products
       with scales inside (False: the caller accounts for its scales).
+    sweeps: how Lanczos steps and exact Gram columns compile: ``"fused"``
+      or ``"per_op"`` (:mod:`lipjax.per_op`; the same arithmetic).
 
   Returns:
     A :class:`NormCertificate`.
@@ -390,12 +395,13 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
   exact_values = dict(zip(
       [i for i, e in enumerate(use_exact) if e],
       _exact_norms(chain, [p for p, e in zip(products, use_exact) if e],
-                   max_exact_bytes, progress)))
+                   max_exact_bytes, progress, sweeps)))
   run = None
   if random:
     run = _lanczos_run(chain, [products[i] for i in random], delta=delta,
                        seed=seed, target_factor=target_factor,
-                       max_steps=max_steps, progress=progress)
+                       max_steps=max_steps, progress=progress,
+                       sweeps=sweeps)
   delta_p = delta / len(random) if random else 0.0
   norms, upper = np.zeros(len(products)), np.zeros(len(products))
   steps = np.zeros(len(products), np.int64)
@@ -419,7 +425,7 @@ def certify_norms(chain: LinearChain, products, *, use_exact,
       certified, splits[products[i]] = deterministic_lib.split_bound(
           chain, products[i], max_bytes=max_exact_bytes, cache=segment_cache,
           exact_norm=lambda seg: exact_certified(seg, exact_lib.product_norm(
-              chain, seg, max_bytes=max_exact_bytes)))
+              chain, seg, max_bytes=max_exact_bytes, sweeps=sweeps)))
       norms[i] = certified
     else:
       r = run.products.index(products[i])

@@ -42,6 +42,10 @@ from lipjax.residual_graph import ResidualGraph
 # Relative allowance for the float64 arithmetic of the recursion itself:
 # at most a few hundred roundings of nonnegative terms, each 2^-53.
 ASSEMBLY_ROUNDING = 1e-12
+# The maps are many chains of distinct structures made of few distinct ops:
+# Lanczos and exact Gram columns compile per op, not per map
+# (lipjax.per_op; the same numbers).
+SWEEPS = "per_op"
 
 
 def _to_float64(graph: ResidualGraph) -> ResidualGraph:
@@ -90,11 +94,35 @@ def scale_allowance(chain, inner_scales: bool, bounds: dict) -> float:
   return rho * math.prod(bounds[k] for k in range(chain.num_layers))
 
 
-def op_bounds(chain) -> dict:
+def _op_key(op) -> tuple:
+  """An op's identity within one bound: its weight array by identity (the
+  maps share the float64 graph's arrays), its scales by value (the maps
+  scale their own copies)."""
+  if isinstance(op, linear_maps.ResidualOp):
+    return ("residual", op.shortcut_scale,
+            tuple(_op_key(b) for b in op.branch),
+            None if op.shortcut is None else _op_key(op.shortcut))
+  value = lambda a: None if a is None else np.asarray(a).tobytes()
+  return (id(op.weight), op.kind, tuple(op.in_shape), op.strides,
+          op.padding, value(op.in_scale), value(op.out_scale))
+
+
+def op_bounds(chain, cache: dict | None = None) -> dict:
   """``{k: upper bound on ||op_k||}`` by proof, for rounding allowances
-  (products of these, not of the far larger entrywise-absolute norms)."""
-  return {k: deterministic_lib.op_upper_bound(op)
-          for k, op in enumerate(chain.ops)}
+  (products of these, not of the far larger entrywise-absolute norms).
+
+  ``cache`` (one dict per bound, while its float64 graph is alive) keeps
+  each op's bound for the other maps that hold the op: the same few ops
+  recur in ``O(nodes^2)`` maps, and a bound costs an SVD.
+  """
+  cache = {} if cache is None else cache
+  out = {}
+  for k, op in enumerate(chain.ops):
+    key = _op_key(op)
+    if key not in cache:
+      cache[key] = deterministic_lib.op_upper_bound(op)
+    out[k] = cache[key]
+  return out
 
 
 def _use_exact(chains, exact, deterministic: bool, max_exact_bytes: int):
@@ -110,8 +138,12 @@ def _use_exact(chains, exact, deterministic: bool, max_exact_bytes: int):
 
 def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
                  target_factor, max_steps, max_exact_bytes, deterministic,
-                 progress) -> norm_certificates.NormCertificate:
-  """Certified norms of every map; one certificate for all of them."""
+                 progress, op_cache: dict | None = None
+                 ) -> norm_certificates.NormCertificate:
+  """Certified norms of every map; one certificate for all of them.
+
+  ``op_cache``: :func:`op_bounds`'s cache, shared with the class rows.
+  """
   randomized = int(np.sum(~use_exact)) if not deterministic else 0
   seed = lanczos.fresh_seed() if seed is None and randomized else seed
   delta_each = delta / randomized if randomized else delta
@@ -121,13 +153,14 @@ def certify_maps(graph64: ResidualGraph, chains, *, use_exact, delta, seed,
   parts = []
   for chain, exact in zip(chains, use_exact):
     bar.set_postfix_str(f"{chain.num_layers} ops")
-    bounds = op_bounds(chain)
+    bounds = op_bounds(chain, op_cache)
     part = norm_certificates.certify_norms(
         chain, [(0, chain.num_layers - 1)], use_exact=[exact],
         delta=delta_each, seed=seed, target_factor=target_factor,
         max_steps=max_steps, max_exact_bytes=max_exact_bytes,
         deterministic=deterministic, layer_norms_in=bounds,
-        interior_scales=False)  # scale_allowance below covers them.
+        interior_scales=False,  # scale_allowance below covers them.
+        sweeps=SWEEPS)
     parts.append((part, scale_allowance(chain, inner, bounds)))
     bar.update(1)
   bar.close()
@@ -152,17 +185,19 @@ def _combine(parts, seed) -> norm_certificates.NormCertificate:
       seed=seed if "lanczos" in sources else None)
 
 
-def _row_allowance(chain, inner: bool, row_norm: float) -> float:
+def _row_allowance(chain, inner: bool, row_norm: float,
+                   op_cache: dict | None = None) -> float:
   """How far a float64 row ``r^T M`` (``||r|| = row_norm``) may be off:
   one sweep's rounding plus the scale allowance, times ``||r||``."""
-  bounds = op_bounds(chain)
+  bounds = op_bounds(chain, op_cache)
   full = (0, chain.num_layers - 1)
   sweep = norm_certificates._sweep_error(chain, full, bounds)[1]  # pylint: disable=protected-access
   return row_norm * (sweep + scale_allowance(chain, inner, bounds))
 
 
 def class_row_allowances(graph64: ResidualGraph, *, method: str, kind: str,
-                         large_class_threshold: int) -> np.ndarray:
+                         large_class_threshold: int,
+                         op_cache: dict | None = None) -> np.ndarray:
   """Additive allowances for the float64 class-row norms, per source.
 
   Per-class and pairwise bounds use the exact norms ``g_s = ||r^T G(s,
@@ -185,11 +220,11 @@ def class_row_allowances(graph64: ResidualGraph, *, method: str, kind: str,
       kind == "pairwise" and graph64.num_classes > large_class_threshold)
   if last_only:
     last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
-    out[n] = _row_allowance(last, inner, row_norm)
+    out[n] = _row_allowance(last, inner, row_norm, op_cache)
     return out
   for s in range(n + 1):
     chain = residual_graph.product_chain(graph64, (s, n))
-    out[s] = _row_allowance(chain, inner, row_norm)
+    out[s] = _row_allowance(chain, inner, row_norm, op_cache)
   return out
 
 
@@ -230,11 +265,12 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
     raise ValueError(
         "safety_factor replaces the factor of exact norms only (exact=True); "
         "the randomized certificate sets its own factor from delta.")
+  op_cache = {}  # Lives while graph64 does (op_bounds keys by identity).
   certificate = certify_maps(
       graph64, chains, use_exact=use_exact, delta=delta, seed=seed,
       target_factor=target_factor, max_steps=max_steps,
       max_exact_bytes=max_exact_bytes, deterministic=deterministic,
-      progress=progress)
+      progress=progress, op_cache=op_cache)
   upper = certificate.upper
   if safety_factor is not None:  # It replaces the factor, not the allowance.
     inner = has_inner_scales(graph64)
@@ -242,7 +278,7 @@ def certified_bound(graph: ResidualGraph, *, method: str, kind: str,
         [scale_allowance(chain, inner, op_bounds(chain)) for chain in chains])
   allowances = class_row_allowances(
       graph64, method=method, kind=kind,
-      large_class_threshold=large_class_threshold)
+      large_class_threshold=large_class_threshold, op_cache=op_cache)
   with jax.enable_x64(True):
     value64 = np.asarray(_bound_jit(
         graph64, jnp.asarray(upper, jnp.float64),
