@@ -6,6 +6,8 @@ points inside the ball; a point a few ulps from the decision boundary must
 not be certified; and the float64 certificate test must fail closed.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,3 +169,50 @@ def test_activation_rounding_holds_for_xla_float32(name):
   allowed = (float32_error.activation_rounding(name) * np.abs(y64)
              + float32_error.UNDERFLOW)
   assert np.all(np.abs(y32 - y64) <= allowed)
+
+
+def _tailed_error():
+  # Two examples, three classes; two tails (one per place an error is made).
+  tails = np.zeros((2, 3, 3))
+  tails[0] = [[0, 1, 2], [1, 0, 3], [2, 3, 0]]
+  tails[1] = [[0, 10, 10], [10, 0, 10], [10, 10, 0]]
+  return float32_error.EvaluationError(
+      elementwise=np.array([[1e-3, 2e-3, 3e-3], [0, 0, 0]]),
+      l2=np.array([1e-2, 0.0]), l2_slope=0.5, tails=tails,
+      tail_terms=np.array([[1.0, 0.1], [2.0, 0.0]]),
+      tail_slopes=np.array([0.25, 0.01]))
+
+
+def test_pair_with_tails_is_hand_computed():
+  at_r0, slope = _tailed_error().pair(np.array([0, 2]))
+  root2 = np.sqrt(2.0)
+  # Example 0, label 0: e_0 + e_i + sqrt(2) 0.01 + T0[0, i] 1 + T1[0, i] 0.1.
+  np.testing.assert_allclose(at_r0[0], [
+      2e-3 + root2 * 1e-2 + 0.0,
+      3e-3 + root2 * 1e-2 + 1.0 + 1.0,
+      4e-3 + root2 * 1e-2 + 2.0 + 1.0], rtol=1e-12)
+  # Example 1, label 2: T0[2, i] 2.
+  np.testing.assert_allclose(at_r0[1], [4.0, 6.0, 0.0], rtol=1e-12)
+  # Slope: sqrt(2) 0.5 + T0[y, i] 0.25 + T1[y, i] 0.01.
+  np.testing.assert_allclose(slope[0], [root2 * 0.5, root2 * 0.5 + 0.35,
+                                        root2 * 0.5 + 0.6], rtol=1e-12)
+  np.testing.assert_allclose(slope[1], [root2 * 0.5 + 0.6,
+                                        root2 * 0.5 + 0.85, root2 * 0.5],
+                             rtol=1e-12)
+
+
+def test_concatenate_keeps_every_example_and_the_largest_slopes():
+  first = _tailed_error()
+  second = dataclasses.replace(first, l2_slope=0.1,
+                               tail_slopes=np.array([0.5, 0.0]))
+  both = float32_error.EvaluationError.concatenate([first, second])
+  assert both.elementwise.shape == (4, 3) and both.tail_terms.shape == (4, 2)
+  assert both.l2_slope == 0.5
+  np.testing.assert_array_equal(both.tail_slopes, [0.5, 0.01])
+  labels = np.array([0, 2, 1, 1])
+  at_r0, _ = both.pair(labels)
+  np.testing.assert_array_equal(at_r0[:2], first.pair(labels[:2])[0])
+  plain = float32_error.EvaluationError.concatenate([
+      dataclasses.replace(first, tails=None, tail_terms=None,
+                          tail_slopes=None)] * 2)
+  assert plain.tails is None and plain.l2.shape == (4,)

@@ -29,9 +29,12 @@ from flax import nnx
 
 import lipjax
 from configs import smoke
+from lipjax import activations
 from lipjax import linear_maps
 from lipjax import residual_bounds
+from lipjax import residual_certified
 from lipjax import residual_graph
+from lipjax import residual_models
 from lipjax.certification import float32_error
 from lipjax.certification import float32_residual
 from lipjax.certification import sound_bound
@@ -50,6 +53,11 @@ IDENTITY_1 = (("conv", 3, 3, 2, 1), ("residual", 3, 3, 1, 1),
 PROJECTION_1 = (("conv", 4, 3, 1, 1), ("residual", 4, 3, 2, 1),
                 ("residual", 6, 1, 1, 2), ("dense", None))
 TINY = (("conv", 3, 3, 1, 1), ("residual", 4, 3, 1, 2), ("dense", None))
+# Blocks back to back (an identity block, then a projection block with two
+# activations): an error at the first block's output reaches the logits
+# through the second's shortcut and its branch.
+CHAINED = (("conv", 3, 3, 1, 1), ("residual", 3, 3, 1, 1),
+           ("residual", 4, 3, 2, 2), ("dense", None))
 
 
 def _model(spec=MAIN, *, activation="relu", batch_norm=True, seed=0,
@@ -90,45 +98,184 @@ def main():
 
 def _check_covered(model, error, x, radius, rng):
   """The actual error at ``x`` and at points ``radius`` away is within the
-  bound, for several batch sizes; returns the largest error seen."""
+  bound, for several batch sizes; returns the largest error seen.
+
+  Every class pair's difference is checked against ``error.pair``; without
+  Lipschitz tails, every logit against the componentwise bound too.
+  """
   step = rng.standard_normal(x.shape)
   step *= radius / np.linalg.norm(step.reshape(len(x), -1), axis=1)[
       :, None, None, None]
+  classes = model.num_classes
+  pairs = [error.pair(np.full(len(x), y)) for y in range(classes)]
   worst = 0.0
   for point in (x, (x + step).astype(np.float32)):
     r = np.linalg.norm((point.astype(np.float64) - x).reshape(len(x), -1),
                        axis=1)[:, None]
     exact = evaluation.float64_logits(model, point)
     for batch in (1, 7, len(x)):
-      got = np.abs(evaluation.float32_logits(model, point, batch) - exact)
-      bound = error.elementwise + error.l2[:, None] + r * error.l2_slope
-      assert np.all(got <= bound), np.max(got / bound)
-      at_r0, slope = error.pair(np.zeros(len(x), int))
-      assert np.all(np.abs(got[:, :1] - got) <= at_r0 + r * slope)
-      worst = max(worst, float(got.max()))
+      diff = evaluation.float32_logits(model, point, batch) - exact
+      if error.tails is None:
+        bound = error.elementwise + error.l2[:, None] + r * error.l2_slope
+        assert np.all(np.abs(diff) <= bound), np.max(np.abs(diff) / bound)
+      for y, (at_r0, slope) in enumerate(pairs):
+        assert np.all(np.abs(diff[:, y:y + 1] - diff) <= at_r0 + r * slope)
+      worst = max(worst, float(np.abs(diff).max()))
   return worst
 
 
+def _exact_tails(model):
+  """error_tails from dense-SVD norms of every pairwise LipLT map."""
+  with jax.enable_x64(True):
+    graph = residual_graph.from_model(model).astype(jnp.float64)
+    products = residual_bounds.required_products(graph, method="liplt",
+                                                 kind="pairwise")
+    norms = [np.linalg.norm(linear_maps.dense_matrix(
+        residual_graph.product_chain(graph, p)), 2) for p in products]
+  return residual_certified.error_tails(
+      residual_graph.from_model(model), np.asarray(norms) * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("tails", [False, True])
 @pytest.mark.parametrize("case", ["main", "tanh", "leaky_relu", "sigmoid"])
-def test_error_bound_covers_float32_evaluation_in_the_ball(case, main):
+def test_error_bound_covers_float32_evaluation_in_the_ball(case, tails, main):
   if case == "main":  # relu, batch norm, with sound_bound's numbers.
     model, bounds, _ = main
     norms, nodes = bounds["layer_norms"], bounds["lipschitz_to"]
     assert np.all(np.isfinite(nodes))
+    error_tails = bounds["error_tails"]
   else:
     spec = IDENTITY_1 if case in ("tanh", "sigmoid") else PROJECTION_1
     model = _model(spec, activation=case, batch_norm=case != "tanh", seed=1)
     norms, nodes = _proof_only(model)
+    error_tails = _exact_tails(model) if tails else None
   rng = np.random.default_rng(2)
   x = rng.uniform(0, 1, (24,) + INPUT).astype(np.float32)
-  error = float32_error.logit_error_bounds(model, x, norms, nodes)
+  error = float32_error.logit_error_bounds(model, x, norms, nodes,
+                                           error_tails if tails else None)
+  assert (error.tails is not None) == tails
   worst = _check_covered(model, error, x, 0.7, rng)
   assert worst > 0  # The network does round.
   # Sound but not useless: far below the logits, and the slope far below
   # the product of the single norms (a Lipschitz bound of the network).
   top = np.max(np.abs(evaluation.float64_logits(model, x)))
-  assert np.max(error.elementwise + error.l2[:, None]) < 1e-2 * top
-  assert error.l2_slope < 1e-3 * np.prod(np.maximum(norms, 1.0))
+  at_r0, slope = error.pair(np.zeros(len(x), int))
+  assert np.max(at_r0) < 1e-2 * top
+  assert np.max(slope) < 1e-3 * np.prod(np.maximum(norms, 1.0))
+
+
+def test_tails_are_tighter_than_carrying_by_single_norms(main):
+  model, bounds, _ = main
+  x = np.random.default_rng(8).uniform(0, 1, (16,) + INPUT).astype(
+      np.float32)
+  args = (model, x, bounds["layer_norms"], bounds["lipschitz_to"])
+  labels = np.zeros(len(x), int)
+  carried = float32_error.logit_error_bounds(*args).pair(labels)
+  tails = float32_error.logit_error_bounds(
+      *args, bounds["error_tails"]).pair(labels)
+  # At R = 0 and per unit of R, on every pair but the label's own.
+  for tight, loose in zip(tails, carried):
+    assert np.median(tight[:, 1:] / loose[:, 1:]) < 0.5
+
+
+def _hooked(model, *, node=None, block=None):
+  """``(x, p) -> logits`` in float64 with ``p`` added to node ``node``'s
+  activation output or to residual block ``block``'s output (``p=None``:
+  nothing added; the shape of that point is recorded in ``.shape``)."""
+  graphdef, state = nnx.split(model)
+  state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+  spec = activations.get_activation(model.activation)
+  block_call = residual_models.ResidualBlock.__call__
+
+  def apply(x, p):
+    count = {"node": 0, "block": 0}
+
+    def add(h, kind, target):
+      if count[kind] == target:
+        apply.shape = h.shape
+        h = h if p is None else h + p
+      count[kind] += 1
+      return h
+
+    act = lambda h: add(spec.fn(h), "node", node)
+    hooked = dataclasses.replace(spec, fn=act)
+    blocks = lambda self, h, fn: add(block_call(self, h, fn), "block", block)
+    with _patched(activations, "get_activation", lambda name: hooked), \
+        _patched(residual_models.ResidualBlock, "__call__", blocks):
+      return nnx.merge(graphdef, state64)(x)
+  return apply
+
+
+class _patched:
+  """Sets ``owner.name = value`` inside a ``with``."""
+
+  def __init__(self, owner, name, value):
+    self.owner, self.name, self.value = owner, name, value
+
+  def __enter__(self):
+    self.saved = getattr(self.owner, self.name)
+    setattr(self.owner, self.name, self.value)
+
+  def __exit__(self, *exc):
+    setattr(self.owner, self.name, self.saved)
+
+
+def _pair_gradient_norms(apply, x):
+  """``[K, K]``: ``||d (z_y - z_i) / dp||`` at ``p = 0`` for ``apply``."""
+  apply(x, None)  # Records the shape of p.
+  p0 = jnp.zeros(apply.shape, jnp.float64)
+  jac = jax.jacrev(lambda p: apply(x, p)[0])(p0).reshape(-1, p0.size)
+  diff = jac[:, None, :] - jac[None, :, :]
+  return np.linalg.norm(np.asarray(diff), axis=-1)
+
+
+@pytest.mark.parametrize("spec", ["main", "chained"])
+def test_tails_bound_the_jacobians_from_where_errors_are_made(spec):
+  # From every node's activation output, every block's output and the
+  # normalized input, the pair Jacobians of the exact network are within
+  # the tails at random points (the tails are Lipschitz bounds), and not
+  # far below them.
+  model = _model({"main": MAIN, "chained": CHAINED}[spec], seed=3)
+  if spec == "chained":  # The second block's shortcut carries almost all.
+    for conv in model.layers[2].convs:
+      _set(conv.kernel, 1e-3 * np.asarray(conv.kernel[...]))
+  node_tails, rows = _exact_tails(model)
+  norms = _exact_single_norms(model) * (1 + 1e-9)
+  outputs = float32_residual.output_tails(model, norms, node_tails, rows)
+  blocks = sum(layer[0] == "residual" for layer in model.spec)
+  assert len(node_tails) == float32_residual.num_nodes(model) == {
+      "main": 5, "chained": 4}[spec]
+  assert len(outputs) == 1 + blocks
+  off = ~np.eye(model.num_classes, dtype=bool)
+  rng = np.random.default_rng(9)
+  std = np.asarray(model.input_std, np.float64)
+  with jax.enable_x64(True):
+    for _ in range(2):
+      x = jnp.asarray(rng.uniform(0, 1, (1,) + INPUT))
+      cases = [(_hooked(model, node=j), node_tails[j])
+               for j in range(len(node_tails))]
+      cases += [(_hooked(model, block=b), outputs[b + 1])
+                for b in range(blocks)]
+      # The normalized input: a change p there is x + std p in pixels.
+      plain = _hooked(model)
+      normalized = _Shaped(
+          lambda x, p: plain(x if p is None else x + std * p, None), x.shape)
+      for apply, tail in cases:
+        got = _pair_gradient_norms(apply, x)
+        assert np.all(got <= tail), np.max(got / np.where(off, tail, 1))
+        assert np.max(got[off] / tail[off]) > 0.02
+      got = _pair_gradient_norms(normalized, x)
+      assert np.all(got <= outputs[0])
+
+
+class _Shaped:
+  """A function ``(x, p)`` with a fixed ``shape`` for ``p``."""
+
+  def __init__(self, fn, shape):
+    self.fn, self.shape = fn, shape
+
+  def __call__(self, x, p):
+    return self.fn(x, p)
 
 
 def _set(variable, value):
@@ -192,14 +339,16 @@ def _scaled_up(rng):
   return model
 
 
+@pytest.mark.parametrize("tails", [False, True])
 @pytest.mark.parametrize("build", [_cancelling_block, _huge_batch_norm,
                                    _linear_residual_near_zero, _scaled_up])
-def test_error_bound_covers_adversarially_scaled_weights(build):
+def test_error_bound_covers_adversarially_scaled_weights(build, tails):
   rng = np.random.default_rng(5)
   model = build(rng)
   shape = model.input_shape
   x = rng.uniform(0, 1, (32,) + shape).astype(np.float32)
-  error = float32_error.logit_error_bounds(model, x, *_proof_only(model))
+  error = float32_error.logit_error_bounds(
+      model, x, *_proof_only(model), _exact_tails(model) if tails else None)
   assert _check_covered(model, error, x, 0.5, rng) > 0
 
 
@@ -238,9 +387,10 @@ def _paired_inputs(rng, count):
   return np.repeat(half, 2, axis=-1).astype(np.float32)
 
 
+@pytest.mark.parametrize("tails", [False, True])
 @pytest.mark.parametrize("block", ["identity", "projection",
                                    "linear_residual"])
-def test_an_error_passed_on_by_a_shortcut_alone_is_covered(block):
+def test_an_error_passed_on_by_a_shortcut_alone_is_covered(block, tails):
   # Elsewhere the bound is ~1e4 times the observed error, so dropping one
   # path's error would go unnoticed; here the stem's rounding (~1e-5) is
   # far above every other term of the bound but its own, and reaches the
@@ -248,12 +398,14 @@ def test_an_error_passed_on_by_a_shortcut_alone_is_covered(block):
   model = _stem_error_through(block)
   rng = np.random.default_rng(7)
   x = _paired_inputs(rng, 64)
-  error = float32_error.logit_error_bounds(model, x, *_proof_only(model))
+  error = float32_error.logit_error_bounds(
+      model, x, *_proof_only(model), _exact_tails(model) if tails else None)
   worst = _check_covered(model, error, x, 0.0, rng)
   assert worst > 1e-6
 
 
-def test_point_a_few_ulps_from_the_boundary_is_not_certified(main):
+@pytest.mark.parametrize("tails", [False, True])
+def test_point_a_few_ulps_from_the_boundary_is_not_certified(main, tails):
   model, bounds, _ = main
   # Two inputs that the network classifies apart (outside the pixel box:
   # inside it this random network sees one class).
@@ -267,7 +419,8 @@ def test_point_a_few_ulps_from_the_boundary_is_not_certified(main):
   top2 = np.sort(logits[0])[-2:]
   assert top2[1] - top2[0] < 1e-4 * np.abs(top2).max()  # At the boundary.
   error = float32_error.logit_error_bounds(
-      model, point, bounds["layer_norms"], bounds["lipschitz_to"])
+      model, point, bounds["layer_norms"], bounds["lipschitz_to"],
+      bounds["error_tails"] if tails else None)
   labels = np.array([la])
   radius, certified = float32_error.certify_float64(
       logits, labels, bounds["bound"], error, np.array([0.0, 1e-7]))

@@ -7,7 +7,7 @@
 ``sweep`` reads the final validation record of every ``OUTDIR/*/metrics.jsonl``
 written by ``sweep.sh`` and ranks the points by their mean certified accuracy
 over the evaluated radii (the selection rule fixed before the sweep ran).
-``results`` reads ``OUTDIR/{crm,gloro,ce}/certify.json`` (and the training
+``results`` reads ``OUTDIR/{crm,gloro,ce,resnet4}/certify.json`` (and the training
 metrics next to it) written by ``results.sh``; ``figure`` draws their
 certified-accuracy curves on one plot.
 """
@@ -92,12 +92,13 @@ def sweep_table(out: pathlib.Path) -> str:
 
 
 _LOSS_NAMES = {"crm": "CRM (LipLT, pairwise)", "gloro": "GloRo",
-               "ce": "cross-entropy"}
+               "ce": "cross-entropy",
+               "resnet4": "CRM, residual ResNet4 (LipLT, pairwise)"}
 
 
 def results_rows(out: pathlib.Path) -> list[dict[str, Any]]:
   rows = []
-  for loss in ("crm", "gloro", "ce"):
+  for loss in _LOSS_NAMES:
     report_path = out / loss / "certify.json"
     if not report_path.exists():
       continue
@@ -127,7 +128,8 @@ def results_rows(out: pathlib.Path) -> list[dict[str, Any]]:
 def results_table(out: pathlib.Path) -> str:
   rows = results_rows(out)
   if not rows:
-    raise SystemExit(f"No certify.json under {out}/{{crm,gloro,ce}}; run "
+    raise SystemExit(f"No certify.json under {out}/"
+                     "{crm,gloro,ce,resnet4}; run "
                      "experiments/fashion_mnist/results.sh first.")
   eps = rows[0]["eps"]
   head = (["loss", "epochs", "clean"]
@@ -164,7 +166,7 @@ def results_figure(out: pathlib.Path, png: pathlib.Path) -> None:
 
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   found = False
-  for loss in ("crm", "gloro", "ce"):
+  for loss in _LOSS_NAMES:
     report_path = out / loss / "certify.json"
     if not report_path.exists():
       continue
@@ -173,7 +175,7 @@ def results_figure(out: pathlib.Path, png: pathlib.Path) -> None:
     ax.plot(curve["eps_pixel"], curve["certified_fraction"],
             label=_LOSS_NAMES[loss])
   if not found:
-    raise SystemExit(f"No certify.json under {out}/{{crm,gloro,ce}}.")
+    raise SystemExit(f"No certify.json under {out}/{{crm,gloro,ce,resnet4}}.")
   ax.set_xlabel("ε (L2, pixel units)")
   ax.set_ylabel("certified accuracy (test)")
   ax.set_title("Fashion-MNIST, 4C3F")

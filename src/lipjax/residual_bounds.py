@@ -89,6 +89,58 @@ def node_bounds(norms, products, slopes, count: int) -> list:
   return m
 
 
+def node_tails(graph: ResidualGraph, norms, *, row_allowances=None):
+  """Pairwise Lipschitz bounds from every node's activation to the logits.
+
+  ``T_j[y, i]`` bounds ``|(e_y - e_i)^T (f(p') - f(p))|`` over changes of
+  node ``j``'s activation output (``phi(z_j)`` replaced by ``p``, every
+  other input of the later layers held), by the same recursion as the
+  network's bound started at node ``j``: with ``m'_k = ||G(j+1, k)|| + c
+  sum_{j<i<k} ||G(i+1, k)|| m'_i``,
+
+    ``T_j = ||r^T G(j+1, N-1)|| + c sum_{i>j} ||r^T G(i+1, N-1)|| m'_i``.
+
+  The float32 evaluation margin multiplies the rounding errors made at node
+  ``j`` by ``T_j`` (:mod:`lipjax.certification.float32_residual`). Uses the
+  pairwise bound's norms (traceable).
+
+  Args:
+    graph: the network.
+    norms: ``[len(required_products(graph, method="liplt",
+      kind="pairwise"))]`` upper bounds on the maps' norms.
+    row_allowances: as in :func:`liplt_bound`.
+
+  Returns:
+    ``[num_nodes, K, K]`` (zero diagonals).
+  """
+  n = graph.num_nodes
+  products = required_products(graph, method="liplt", kind="pairwise")
+  index = {tuple(p): i for i, p in enumerate(products)}
+  _, c = activations.loop_transformation(graph.slopes)
+  g = _class_row_norms(graph, "pairwise")
+  if row_allowances is not None:
+    g = [g_s + row_allowances[s] for s, g_s in enumerate(g)]
+  tails = []
+  for j in range(n):
+    m = {}
+    value = g[j + 1]
+    for k in range(j + 1, n):
+      m[k] = norms[index[(j + 1, k)]]
+      for i in range(j + 1, k):
+        m[k] = m[k] + c * norms[index[(i + 1, k)]] * m[i]
+      value = value + c * g[k + 1] * m[k]
+    tails.append(bounds_lib._assemble(value, "pairwise", graph.num_classes,  # pylint: disable=protected-access
+                                      0.0))
+  return jnp.stack(tails)
+
+
+def logit_row_norms(graph: ResidualGraph):
+  """``[K, K]``: ``||(e_y - e_i)^T W||`` of the logits layer ``W`` alone
+  (float64 in, float64 out; traceable)."""
+  return bounds_lib._assemble(_class_row_norms_last(graph, "pairwise"),  # pylint: disable=protected-access
+                              "pairwise", graph.num_classes, 0.0)
+
+
 def liplt_bound(graph: ResidualGraph, norms, *, kind: str,
                 diagonal: float = 0.0,
                 large_class_threshold: int = (

@@ -305,3 +305,52 @@ def _naive_row_factor(graph64: ResidualGraph, kind: str) -> float:
       last, (0, 0), op_bounds(last))[1]
   smallest = float(np.min(rows))
   return 1.0 + (allowance / smallest if smallest > 0 else math.inf)
+
+
+@jax.jit
+def _tails_jit(graph, norms, allowances):
+  return (residual_bounds.node_tails(graph, norms, row_allowances=allowances),
+          residual_bounds.logit_row_norms(graph))
+
+
+def error_tails(graph: ResidualGraph, upper: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Pairwise Lipschitz bounds from inside the network to the logits.
+
+  For the float32 evaluation margin
+  (:mod:`lipjax.certification.float32_residual`): a rounding error made at
+  node ``j``'s activation output reaches a class pair's logit difference
+  through at most ``tails[j]`` times its L2 norm, and one made at the
+  logits layer's input through at most ``rows``.
+
+  Args:
+    graph: the network (float32 or float64).
+    upper: the certified norms of a pairwise LipLT certificate's maps
+      (:func:`certified_bound` with ``method="liplt", kind="pairwise"``),
+      in :func:`lipjax.residual_bounds.required_products`' order.
+
+  Returns:
+    ``(tails [num_nodes, K, K], rows [K, K])`` float64, upper bounds: the
+    class rows get their float64 evaluation allowances, and the recursion's
+    own roundings :data:`ASSEMBLY_ROUNDING`.
+  """
+  graph64 = _to_float64(graph)
+  allowances = class_row_allowances(graph64, method="liplt", kind="pairwise",
+                                    large_class_threshold=math.inf)
+  last = linear_maps.LinearChain(ops=(graph64.units[-1].ops[0],))
+  last_allowance = _row_allowance(last, has_inner_scales(graph64),
+                                  math.sqrt(2.0))
+  expected = len(residual_bounds.required_products(
+      graph64, method="liplt", kind="pairwise"))
+  if np.shape(upper) != (expected,):
+    raise ValueError(f"Expected the {expected} norms of a pairwise LipLT "
+                     f"certificate, got shape {np.shape(upper)}.")
+  with jax.enable_x64(True):
+    tails, rows = _tails_jit(graph64, jnp.asarray(upper, jnp.float64),
+                             jnp.asarray(allowances, jnp.float64))
+    tails, rows = np.asarray(tails), np.asarray(rows)
+  k = graph64.num_classes
+  off = ~np.eye(k, dtype=bool)
+  rows = np.where(off, rows + last_allowance, 0.0)
+  factor = 1.0 + ASSEMBLY_ROUNDING
+  return tails * factor, rows * factor

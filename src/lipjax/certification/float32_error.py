@@ -248,18 +248,28 @@ class EvaluationError:
   """A bound on ``|fl32 f(x') - f(x')|`` over the ball ``||x' - x|| <= R``.
 
   The error vector at the logits is at most ``elementwise`` componentwise
-  plus a vector of L2 norm at most ``l2 + R l2_slope``. So the difference
-  of two classes ``y, i`` is off by at most
-  ``elementwise_y + elementwise_i + sqrt(2) (l2 + R l2_slope)``.
+  plus a vector of L2 norm at most ``l2 + R l2_slope``, plus, for a class
+  pair ``(y, i)``, ``sum_j tails[j, y, i] (tail_terms[:, j] + R
+  tail_slopes[j])``: rounding errors made inside the network (L2 norms
+  ``tail_terms + R tail_slopes``) times a pairwise Lipschitz bound of the
+  exact network from where they are made to the logits. So the difference
+  of two classes ``y, i`` is off by at most ``elementwise_y + elementwise_i
+  + sqrt(2) (l2 + R l2_slope) + sum_j tails[j, y, i] (...)``.
 
   Attributes:
     elementwise: float64 ``[B, K]``.
     l2: float64 ``[B]``.
     l2_slope: float, per unit of ``R``.
+    tails: float64 ``[J, K, K]`` pairwise tail bounds (``J = 0``: none).
+    tail_terms: float64 ``[B, J]``.
+    tail_slopes: float64 ``[J]``, per unit of ``R``.
   """
   elementwise: np.ndarray
   l2: np.ndarray
   l2_slope: float
+  tails: np.ndarray | None = None
+  tail_terms: np.ndarray | None = None
+  tail_slopes: np.ndarray | None = None
 
   def pair(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(at_r0 [B, K], slope [B, K])`` for the pairs ``(y_b, i)``."""
@@ -267,11 +277,29 @@ class EvaluationError:
     e_y = self.elementwise[rows, labels][:, None]
     at_r0 = e_y + self.elementwise + math.sqrt(2.0) * self.l2[:, None]
     slope = np.full_like(at_r0, math.sqrt(2.0) * self.l2_slope)
+    if self.tails is not None and len(self.tails):
+      by_label = self.tails[:, labels, :]  # [J, B, K]
+      at_r0 = at_r0 + np.einsum("jbk,bj->bk", by_label, self.tail_terms)
+      slope = slope + np.einsum("jbk,j->bk", by_label, self.tail_slopes)
     return at_r0, slope
 
+  @classmethod
+  def concatenate(cls, parts: list["EvaluationError"]) -> "EvaluationError":
+    """One bound for the examples of ``parts`` (batches of one network)."""
+    tails = parts[0].tails
+    return cls(
+        elementwise=np.concatenate([e.elementwise for e in parts]),
+        l2=np.concatenate([e.l2 for e in parts]),
+        l2_slope=max(e.l2_slope for e in parts), tails=tails,
+        tail_terms=(None if tails is None else
+                    np.concatenate([e.tail_terms for e in parts])),
+        tail_slopes=(None if tails is None else np.max(
+            np.stack([e.tail_slopes for e in parts]), axis=0)))
 
-def logit_error_bounds(model, images, layer_norms, lipschitz_to
-                       ) -> EvaluationError:
+
+
+def logit_error_bounds(model, images, layer_norms, lipschitz_to,
+                       tails=None) -> EvaluationError:
   """The float32 evaluation error of ``model`` around each of ``images``.
 
   Args:
@@ -285,6 +313,9 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
     lipschitz_to: ``[N]`` L2 Lipschitz bounds from the input to each
       layer's output before its activation (batch norm included); only the
       first ``N - 1`` are used.
+    tails: residual networks only: pairwise Lipschitz bounds from inside
+      the network to the logits (``sound_bound``'s ``"error_tails"``; see
+      :func:`~lipjax.certification.float32_residual.logit_error_bounds`).
 
   Returns:
     An :class:`EvaluationError`, inflated by ``1 + 1e-9`` for the float64
@@ -295,7 +326,10 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
     # pylint: disable-next=import-outside-toplevel
     from lipjax.certification import float32_residual
     return float32_residual.logit_error_bounds(model, images, layer_norms,
-                                               lipschitz_to)
+                                               lipschitz_to, tails)
+  if tails is not None:
+    raise ValueError("Error tails are implemented for residual networks "
+                     "only; pass tails=None.")
   with jax.enable_x64(True):
     layers = _layers(model)
     # The deployed network's constants are float32: the exact network that

@@ -234,6 +234,12 @@ class _Affine:
   def error(self) -> _Err:
     return (self.own + self.carried).times(1.0 + self.rho) + self.extra
 
+  def local(self) -> _Err:
+    """The error made here, on the computed input: :meth:`error` less
+    the input's own error carried through ``D W``."""
+    return (self.own.times(1.0 + self.rho) + self.extra
+            + self.carried.times(self.rho))
+
 
 def _carry(by_abs, fresh, xi, beta, norm) -> _Err:
   """An input error through a map of norm ``norm``; its elementwise part
@@ -290,59 +296,100 @@ def _affine(layer: Layer, value, move, err: _Err, norm, node_bound
 
 def _add(value, move, err: _Err):
   """The rounding of a sum whose exact value is ``value`` (error ``err``
-  before rounding): ``u |computed|``, and a flushed result."""
-  return value, move, _Err(
-      err.fresh * (1.0 + U32) + U32 * jnp.abs(value) + FLUSH,
-      err.xi * (1.0 + U32), err.beta * (1.0 + U32) + U32 * move)
+  before rounding): ``u |computed|``, and a flushed result.
+
+  Returns:
+    ``(value, move, error, local)``: ``local`` is the rounding alone.
+  """
+  local = _Err(U32 * (err.fresh + jnp.abs(value)) + FLUSH, U32 * err.xi,
+               U32 * (err.beta + move))
+  return value, move, err + local, local
 
 
 def _activate(value, move, err: _Err, act, gain: float, ulps: float):
-  """``phi`` (Lipschitz ``gain`` per coordinate), rounded to ``ulps``."""
+  """``phi`` (Lipschitz ``gain`` per coordinate), rounded to ``ulps``.
+
+  Returns:
+    ``(h, move, error, local)``: ``local`` is the rounding alone.
+  """
   h = act.fn(value)
   h_move = gain * move
-  return h, h_move, _Err(
-      gain * err.fresh + ulps * (jnp.abs(h) + gain * err.fresh)
-      + float32_error.UNDERFLOW,
-      gain * err.xi * (1.0 + ulps),
-      gain * err.beta + ulps * (h_move + gain * err.beta))
+  local = _Err(ulps * (jnp.abs(h) + gain * err.fresh) + float32_error.UNDERFLOW,
+               gain * err.xi * ulps, ulps * (h_move + gain * err.beta))
+  return h, h_move, err.times(gain) + local, local
 
 
 def _linear_residual(layer: Layer, value, move, err: _Err, norm_dw,
                      norm_idw, node_bound):
   """``x + D (W x + b - mean) + bias``: the input error through ``I + D W``
   (elementwise ``|e| + |D||W||e|``, or by ``||I + D W||``), this layer's
-  rounding, batch norm's error on ``D W e``, then the sum."""
+  rounding, batch norm's error on ``D W e``, then the sum.
+
+  Returns:
+    ``(value, move, error, local)``: ``local`` is the error made here (on
+    the computed input).
+  """
   parts = _affine(layer, value, move, err, norm_dw, jnp.inf)
   through = _carry(err.fresh + parts.by_abs, err.fresh, err.xi, err.beta,
                    norm_idw)
-  before = (parts.own.times(1.0 + parts.rho) + parts.extra + through
-            + parts.carried.times(parts.rho))
-  return _add(value + parts.value,
-              jnp.minimum(node_bound, norm_idw * move), before)
+  local = parts.local()
+  value, move, err, rounding = _add(
+      value + parts.value, jnp.minimum(node_bound, norm_idw * move),
+      local + through)
+  return value, move, err, local + rounding
 
 
 def _residual(unit: _Unit, value, move, err: _Err, norms, node_bounds, act,
-              gain: float, ulps: float):
-  """``S x + W_m phi(... phi(W_0 x))``: branch, shortcut, then the sum."""
+              gain: float, ulps: float, nodes: list):
+  """``S x + W_m phi(... phi(W_0 x))``: branch, shortcut, then the sum.
+
+  Appends to ``nodes`` each inner node's local error ``(at its
+  pre-activation, at its activation output)``.
+
+  Returns:
+    ``(value, move, error, local)``: ``local`` is the error made at the
+    block's output (the last branch layer's, the projection's and the
+    sum's roundings).
+  """
   inner = len(unit.layers) - 1  # >= 1
   z = _affine(unit.layers[0], value, move, err, norms[0], node_bounds[0])
   for i in range(1, inner + 1):
-    h, h_move, h_err = _activate(z.value, z.move, z.error(), act, gain,
-                                 ulps)
+    h, h_move, h_err, h_local = _activate(z.value, z.move, z.error(), act,
+                                          gain, ulps)
+    nodes.append((z.local(), h_local))
     z = _affine(unit.layers[i], h, h_move, h_err, norms[i],
                 node_bounds[i] if i < inner else jnp.inf)
+  local = z.local()
   if unit.shortcut is None:
     s_value, s_move, s_err = value, move, err
   else:
     s = _affine(unit.shortcut, value, move, err, norms[inner + 1], jnp.inf)
     s_value, s_move, s_err = s.value, s.move, s.error()
-  return _add(s_value + z.value, s_move + z.move, s_err + z.error())
+    local = local + s.local()
+  value, move, err, rounding = _add(s_value + z.value, s_move + z.move,
+                                    s_err + z.error())
+  return value, move, err, local + rounding
+
+
+def _terms(err: _Err):
+  """``(L2 norms at R = 0 [B], per unit of R)`` of an error."""
+  return float32_error.row_l2(err.fresh) + err.xi, err.beta
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
                activation: str):
-  """The error bound at the logits: ``(fresh [B, K], xi [B], beta)``."""
+  """The error bound at the logits, two ways.
+
+  Returns:
+    A dict: ``carried`` ``(fresh [B, K], xi [B], beta)``, every error
+    carried to the logits by the single maps' norms; ``logits`` the same
+    for the logits layer's own rounding alone; ``nodes`` ``([B, n], [n])``,
+    the L2 sizes (at ``R = 0``, per unit of ``R``) of the errors made at
+    each node as seen from its activation output (its pre-activation's
+    times ``Lip(phi)``); ``outputs`` ``([B, U], [U])`` those made at the
+    normalized input and at each residual block's output.
+  """
   act = activations.get_activation(activation)
   gain = activations.lipschitz_constant(act.slopes)
   ulps = float32_error.activation_rounding(activation)
@@ -351,29 +398,45 @@ def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
   rounding = (1.0 + U32)**3 - 1.0
   err = _Err(rounding * jnp.abs(value) + 4.0 * FLUSH * (1.0 + move),
              jnp.zeros(x.shape[0], x.dtype), rounding * move)
+  nodes, outputs = [], [err]
   n, node = 0, 0
   for unit in units:
     if unit.kind == "residual":
       count = len(unit.layers) - 1
-      value, move, err = _residual(
+      value, move, err, local = _residual(
           unit, value, move, err, norms[n:n + count + 2],
-          node_bounds[node:node + count], act, gain, ulps)
+          node_bounds[node:node + count], act, gain, ulps, nodes)
+      outputs.append(local)
       n, node = n + count + 2, node + count
       continue
     bound = node_bounds[node] if unit.activated else jnp.inf
     if unit.kind == "linear_residual":
-      value, move, err = _linear_residual(unit.layers[0], value, move, err,
-                                          norms[n], norms[n + 1], bound)
+      value, move, err, local = _linear_residual(
+          unit.layers[0], value, move, err, norms[n], norms[n + 1], bound)
       n += 2
     else:
       z = _affine(unit.layers[0], value, move, err, norms[n], bound)
-      value, move, err = z.value, z.move, z.error()
+      value, move, err, local = z.value, z.move, z.error(), z.local()
       n += 1
     if not unit.activated:
-      return err.fresh, err.xi, err.beta
-    value, move, err = _activate(value, move, err, act, gain, ulps)
+      return {"carried": (err.fresh, err.xi, err.beta),
+              "logits": (local.fresh, local.xi, local.beta),
+              "nodes": _stack_terms([(pre.times(gain) + act_local)
+                                     for pre, act_local in nodes]),
+              "outputs": _stack_terms(outputs)}
+    value, move, err, h_local = _activate(value, move, err, act, gain, ulps)
+    nodes.append((local, h_local))
     node += 1
   raise ValueError("The last layer must be a dense layer without activation.")
+
+
+def _stack_terms(errors: list):
+  """``([B, J], [J])`` of :func:`_terms` for a list of errors."""
+  if not errors:
+    return None
+  terms = [_terms(e) for e in errors]
+  return (jnp.stack([t for t, _ in terms], axis=1),
+          jnp.stack([jnp.asarray(b, jnp.float64) for _, b in terms]))
 
 
 def num_nodes(model) -> int:
@@ -382,8 +445,54 @@ def num_nodes(model) -> int:
              for kind, parts, _, activated in _spec_parts(model))
 
 
-def logit_error_bounds(model, images, layer_norms, lipschitz_to
-                       ) -> float32_error.EvaluationError:
+def output_tails(model, norms, node_tails, rows) -> np.ndarray:
+  """Pairwise Lipschitz bounds to the logits from the normalized input and
+  from every residual block's output.
+
+  From a unit's input: the logits layer's rows; a plain or linear residual
+  layer's norm times ``Lip(phi)`` times its node's tail; a residual
+  block's ``||D_0 W_0|| Lip(phi) T_j0 + ||S||`` times the tail from its
+  output (a change ``e`` of the block's input moves its first node by
+  ``D_0 W_0 e`` and its output through the shortcut by ``S e``).
+
+  Args:
+    model: the ResidualNet.
+    norms: :func:`op_norms`' bounds.
+    node_tails: ``[num_nodes, K, K]``
+      (:func:`lipjax.residual_certified.error_tails`).
+    rows: ``[K, K]`` the logits layer's pair row norms (same).
+
+  Returns:
+    ``[1 + residual blocks, K, K]`` float64, upper bounds.
+  """
+  gain = activations.lipschitz_constant(
+      activations.get_activation(model.activation).slopes)
+  units, n, node = [], 0, 0
+  for kind, parts, _, activated in _spec_parts(model):
+    units.append((kind, activated, node, n, len(parts)))
+    if kind == "residual":
+      n, node = n + len(parts) + 1, node + len(parts) - 1
+    else:
+      n, node = n + 1 + (kind == "linear_residual"), node + int(activated)
+  into = [None] * (len(units) + 1)  # The tail from each unit's input.
+  for u in reversed(range(len(units))):
+    kind, activated, node, first, count = units[u]
+    if not activated and kind == "plain":
+      into[u] = np.asarray(rows, np.float64)
+    elif kind == "residual":
+      into[u] = (norms[first] * gain * node_tails[node]
+                 + norms[first + count] * into[u + 1])
+    else:
+      norm = norms[first + (kind == "linear_residual")]
+      into[u] = norm * gain * node_tails[node]
+  outs = [into[0]] + [into[u + 1] for u, unit in enumerate(units)
+                      if unit[0] == "residual"]
+  # A few float64 products and sums of nonnegative numbers per entry.
+  return np.stack(outs) * (1.0 + 1e-12)
+
+
+def logit_error_bounds(model, images, layer_norms, lipschitz_to,
+                       tails=None) -> float32_error.EvaluationError:
   """The float32 evaluation error of a residual ``model`` around ``images``.
 
   Args:
@@ -393,6 +502,11 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
     lipschitz_to: ``[num_nodes]`` certified Lipschitz bounds from the input
       (pixels) to every node pre-activation (LipLT's ``m_j``), or ``inf``
       where there is none.
+    tails: None, or ``(node_tails [num_nodes, K, K], rows [K, K])`` from
+      :func:`lipjax.residual_certified.error_tails`: then every rounding
+      error reaches the logits through the pairwise Lipschitz bound from
+      where it is made (much tighter), instead of through products of the
+      single maps' norms.
 
   Returns:
     An :class:`~lipjax.certification.float32_error.EvaluationError`,
@@ -409,17 +523,33 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to
         f"A residual network needs {expected[0]} layer norms and "
         f"{expected[1]} node bounds (from sound_bound), got {norms.size} "
         f"and {bounds.size}.")
+  if tails is not None and np.shape(tails[0])[0] != expected[1]:
+    raise ValueError(f"Expected {expected[1]} node tails, got "
+                     f"{np.shape(tails[0])[0]}.")
   with jax.enable_x64(True):
     std = np.asarray(model.input_std, np.float32).astype(np.float64)
     mean = np.asarray(model.input_mean, np.float32).astype(np.float64)
-    fresh, xi, beta = _propagate(
+    parts = jax.tree.map(np.asarray, _propagate(
         _units(model), jnp.asarray(np.asarray(images, np.float64)),
         jnp.asarray(norms), jnp.asarray(bounds), jnp.asarray(1.0 / std),
-        jnp.asarray(mean), activation=model.activation)
-    slack = 1.0 + 1e-9
+        jnp.asarray(mean), activation=model.activation))
+  slack = 1.0 + 1e-9
+  if tails is None:
+    fresh, xi, beta = parts["carried"]
     return float32_error.EvaluationError(
-        elementwise=np.asarray(fresh) * slack, l2=np.asarray(xi) * slack,
+        elementwise=fresh * slack, l2=xi * slack,
         l2_slope=float(beta) * slack)
+  node_tails = np.asarray(tails[0], np.float64)
+  every = [(output_tails(model, norms, node_tails, tails[1]),
+            parts["outputs"])]
+  if parts["nodes"] is not None:
+    every.insert(0, (node_tails, parts["nodes"]))
+  fresh, xi, beta = parts["logits"]
+  return float32_error.EvaluationError(
+      elementwise=fresh * slack, l2=xi * slack, l2_slope=float(beta) * slack,
+      tails=np.concatenate([t for t, _ in every]),
+      tail_terms=np.concatenate([p[0] for _, p in every], axis=1) * slack,
+      tail_slopes=np.concatenate([p[1] for _, p in every]) * slack)
 
 
 def check_finite(model) -> None:

@@ -172,15 +172,14 @@ def evaluation_error(restored, dataset, bounds, *, batch_size: int,
                      description="float32 margin", enabled=progress)
   for start in range(0, len(dataset), batch_size):
     images = augment.to_float(dataset.images[start:start + batch_size])
+    tails = bounds.get("error_tails")
     parts.append(float32_error.logit_error_bounds(
         model, images, bounds["layer_norms"] * scale,
-        bounds["lipschitz_to"] * scale))
+        bounds["lipschitz_to"] * scale,
+        None if tails is None else tuple(t * scale for t in tails)))
     bar.update(len(images))
   bar.close()
-  return float32_error.EvaluationError(
-      elementwise=np.concatenate([e.elementwise for e in parts]),
-      l2=np.concatenate([e.l2 for e in parts]),
-      l2_slope=max(e.l2_slope for e in parts))
+  return float32_error.EvaluationError.concatenate(parts)
 
 
 def certify_phase(logits: np.ndarray, labels: np.ndarray, lip,
@@ -370,7 +369,7 @@ def run(workdir: str, *, checkpoint: int | None = None,
                                                            certified))
       + f" ({timings['certify']:.1f} s)")
   bound_report["float32_margin"] = _margin_report(
-      error, cert["certified_exact_arithmetic"])
+      error, dataset.labels, cert["certified_exact_arithmetic"])
 
   t = time.perf_counter()
   robust, pgd_violations = pgd_phase(
@@ -396,13 +395,21 @@ def run(workdir: str, *, checkpoint: int | None = None,
       total_seconds=time.perf_counter() - t0)
 
 
-def _margin_report(error, certified_exact_arithmetic) -> dict:
-  """What the float32 evaluation margin is and what it cost."""
+def _margin_report(error, labels, certified_exact_arithmetic) -> dict:
+  """What the float32 evaluation margin is and what it cost: per class
+  pair ``(label, i)``, how much it takes off the margin (at ``x`` and at
+  ``x'``: twice the error bound at ``R = 0``) and adds to the slope."""
+  at_r0, slope = error.pair(np.asarray(labels))
+  others = np.arange(at_r0.shape[1])[None, :] != np.asarray(labels)[:, None]
   return {
       "covered": True, "assumptions": float32_error.ASSUMPTIONS,
       "elementwise_max": float(np.max(error.elementwise)),
       "elementwise_mean": float(np.mean(error.elementwise)),
       "l2_max": float(np.max(error.l2)), "l2_slope": error.l2_slope,
+      "lipschitz_tails": 0 if error.tails is None else len(error.tails),
+      "margin_shrink_max": float(np.max(2.0 * at_r0[others])),
+      "margin_shrink_median": float(np.median(2.0 * at_r0[others])),
+      "slope_growth_max": float(np.max(slope[others])),
       "certified_accuracy_exact_arithmetic": (
           certified_exact_arithmetic.mean(axis=1).astype(float).tolist()),
   }

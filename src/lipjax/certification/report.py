@@ -321,11 +321,17 @@ def format_table(report: dict) -> str:
   if margin:
     exact = ", ".join(f"{v:.4f}" for v in
                       margin["certified_accuracy_exact_arithmetic"])
-    lines.append(f"float32 evaluation covered: margins shrink by up to "
-                 f"{2 * margin['elementwise_max']:.3g} + "
-                 f"{margin['l2_max']:.3g} per class pair, bounds grow by "
-                 f"{margin['l2_slope']:.3g}; certified in exact arithmetic "
-                 f"alone: {exact}")
+    if "margin_shrink_max" in margin:
+      cost = (f"margins shrink by {margin['margin_shrink_median']:.3g} "
+              f"(median; at most {margin['margin_shrink_max']:.3g}) per "
+              f"class pair, bounds grow by at most "
+              f"{margin['slope_growth_max']:.3g}")
+    else:  # A report written before the per-pair numbers.
+      cost = (f"margins shrink by up to {2 * margin['elementwise_max']:.3g}"
+              f" + {margin['l2_max']:.3g} per class pair, bounds grow by "
+              f"{margin['l2_slope']:.3g}")
+    lines.append(f"float32 evaluation covered: {cost}; certified in exact "
+                 f"arithmetic alone: {exact}")
   header = "  eps (pixel)" + ("  eps (norm.)" if norm else "") + \
       "   certified      PGD    clean"
   lines += ["", header, "  " + "-" * (len(header) - 2)]

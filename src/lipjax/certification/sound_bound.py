@@ -134,7 +134,9 @@ def sound_bound(model, *, method: str, kind: str,
     float64 per-layer bounds the float32-evaluation margin needs (for a
     ResidualNet in :func:`~lipjax.certification.float32_residual.op_norms`'
     layout, and the LipLT node bounds or ``inf``), and a JSON-able
-    per-product report.
+    per-product report. A ResidualNet's dict also has ``"error_tails"``:
+    :func:`lipjax.residual_certified.error_tails` for a pairwise LipLT
+    bound, else None.
 
   Raises:
     MemoryError: ``exact=True`` and some Gram matrix exceeds the limit.
@@ -267,7 +269,14 @@ def _residual_sound_bound(model, *, method: str, kind: str, exact,
   results = {"bound": value, method: value, other: other_value,
              "layer_norms": float32_residual.op_norms(model),
              "lipschitz_to": _node_bounds(graph, certificate, products,
-                                          method)}
+                                          method),
+             # Where the certificate has the pairwise LipLT maps, the
+             # float32 margin carries each rounding error to the logits by
+             # the pairwise bound from where it is made.
+             "error_tails": (residual_certified.error_tails(
+                 graph, certificate.upper)
+                             if (method, kind) == ("liplt", "pairwise")
+                             else None)}
   report = _residual_report(certificate, (products, labels, sizes),
                             other_certificate, method=method, kind=kind,
                             exact=exact, delta=delta,
