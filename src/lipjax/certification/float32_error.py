@@ -14,7 +14,8 @@ multiply-add). It follows the standard model of floating-point arithmetic
 (``u = 2^-24``): a dot product of ``d`` terms plus a bias is within
 ``gamma_{d+1} (|W| |h| + |b|)`` of the exact one, with
 ``gamma_n = n u / (1 - n u)``; subtraction, scaling and addition of the
-normalizations add ``u`` each; ReLU, abs and max are exact, leaky ReLU adds
+normalizations add ``u`` each (a division by ``std`` counts twice: XLA may
+turn it into a product with a rounded reciprocal); ReLU, abs and max are exact, leaky ReLU adds
 ``2u`` (its slope and the product round), and tanh, sigmoid, softplus and
 elu are assumed within ``ACTIVATION_ULPS`` ulps (XLA's implementations are
 within a few; an ulp is up to ``2u`` of the value).
@@ -189,9 +190,11 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
   ulps = activation_rounding(activation)
   h = (x - mean) * inv_std
   move = jnp.max(inv_std)  # ||h(x') - h(x)|| <= move * R.
-  two_u = 2.0 * U32 * (1.0 + U32)  # Subtract, then divide.
-  fresh = two_u * jnp.abs(h) + UNDERFLOW
-  xi, beta = jnp.zeros(x.shape[0], x.dtype), two_u * move
+  # Subtract, then divide: 3 roundings, since XLA may rewrite a division
+  # by a constant into a product with its rounded reciprocal.
+  rounding = (1.0 + U32)**3 - 1.0
+  fresh = rounding * jnp.abs(h) + UNDERFLOW
+  xi, beta = jnp.zeros(x.shape[0], x.dtype), rounding * move
   for k, layer in enumerate(layers):
     g = gamma(layer.fan_in + 1)
     # |W| + FLUSH / g: a weight flushed to zero errs by FLUSH |h|.
