@@ -76,15 +76,18 @@ def _class_row_norms(graph: ResidualGraph, kind: str) -> list:
   return [power_iteration._row_norms(b) for b in back]  # pylint: disable=protected-access
 
 
-def node_bounds(norms, products, slopes, count: int) -> list:
-  """``m_0 .. m_{count-1}``: Lipschitz bounds of the node pre-activations."""
+def node_bounds(norms, products, slopes, count: int, source: int = 0
+                ) -> list:
+  """``m_source .. m_{count-1}``: Lipschitz bounds of the node
+  pre-activations as functions of the input (``source = 0``) or of node
+  ``source - 1``'s injection (the same recursion over ``G(source, k)``)."""
   _, c = activations.loop_transformation(slopes)
   index = {tuple(p): i for i, p in enumerate(products)}
   m = []
-  for k in range(count):
-    m_k = norms[index[(0, k)]]
-    for j in range(k):
-      m_k = m_k + c * norms[index[(j + 1, k)]] * m[j]
+  for k in range(source, count):
+    m_k = norms[index[(source, k)]]
+    for j in range(source, k):
+      m_k = m_k + c * norms[index[(j + 1, k)]] * m[j - source]
     m.append(m_k)
   return m
 
@@ -115,20 +118,16 @@ def node_tails(graph: ResidualGraph, norms, *, row_allowances=None):
   """
   n = graph.num_nodes
   products = required_products(graph, method="liplt", kind="pairwise")
-  index = {tuple(p): i for i, p in enumerate(products)}
   _, c = activations.loop_transformation(graph.slopes)
   g = _class_row_norms(graph, "pairwise")
   if row_allowances is not None:
     g = [g_s + row_allowances[s] for s, g_s in enumerate(g)]
   tails = []
   for j in range(n):
-    m = {}
+    m = node_bounds(norms, products, graph.slopes, n, source=j + 1)
     value = g[j + 1]
-    for k in range(j + 1, n):
-      m[k] = norms[index[(j + 1, k)]]
-      for i in range(j + 1, k):
-        m[k] = m[k] + c * norms[index[(i + 1, k)]] * m[i]
-      value = value + c * g[k + 1] * m[k]
+    for k, m_k in enumerate(m, start=j + 1):
+      value = value + c * g[k + 1] * m_k
     tails.append(bounds_lib._assemble(value, "pairwise", graph.num_classes,  # pylint: disable=protected-access
                                       0.0))
   return jnp.stack(tails)
