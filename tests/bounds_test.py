@@ -170,6 +170,25 @@ def test_recursion_equals_closed_form(mats, slopes, method, kind):
 
 
 @SETTINGS
+@hypothesis.given(mats=dense_chains(min_classes=2), slopes=slope_pairs)
+def test_pair_tails_are_the_bounds_of_the_sub_networks(mats, slopes):
+  # T_s is the pairwise LipLT bound of the layers from s on, whose products
+  # are the full chain's (s', e) with s' >= s: the closed form of
+  # tests/reference.py on mats[s:]. T_0 is the network's own bound.
+  chain = lipjax.from_matrices(mats, slopes=slopes)
+  tails = np.asarray(bounds.liplt_pair_tails(
+      chain, exact_norms(mats, "liplt", "pairwise")), np.float64)
+  k = mats[-1].shape[0]
+  assert tails.shape == (len(mats), k, k)
+  for s in range(len(mats)):
+    want = reference.reference_bound(mats[s:], method="liplt",
+                                     kind="pairwise", slopes=slopes)
+    np.testing.assert_allclose(tails[s], want, rtol=2e-5, atol=1e-5)
+  np.testing.assert_allclose(tails[0], bound_with_exact_norms(
+      mats, method="liplt", kind="pairwise", slopes=slopes), rtol=1e-6)
+
+
+@SETTINGS
 @hypothesis.given(mats=dense_chains(min_classes=2), slopes=slope_pairs,
                   kind=st.sampled_from(lipjax.bounds.KINDS))
 def test_liplt_at_most_naive(mats, slopes, kind):

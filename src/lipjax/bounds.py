@@ -69,7 +69,7 @@ def required_products(num_layers: int, *, method: str,
 
 
 def liplt_layer_bounds(norms: jax.Array, products, slopes,
-                       count: int) -> list[jax.Array]:
+                       count: int, start: int = 0) -> list[jax.Array]:
   """The LipLT recursion ``m_0, ..., m_{count-1}``.
 
   See docs/bounds.md#the-recursion.
@@ -83,6 +83,9 @@ def liplt_layer_bounds(norms: jax.Array, products, slopes,
     products: the ``(s, e)`` pairs ``norms`` refers to.
     slopes: the activation's ``(alpha, beta)``.
     count: how many ``m_k`` to compute.
+    start: the recursion of the sub-network from layer ``start``'s input:
+      ``m_{start}, ..., m_{start+count-1}`` with the products ``(s, e)``,
+      ``s >= start``, in place of those from 0.
 
   Returns:
     A list of ``count`` scalars.
@@ -91,11 +94,11 @@ def liplt_layer_bounds(norms: jax.Array, products, slopes,
   a = abs(a)
   index = {tuple(p): i for i, p in enumerate(products)}
   m = []
-  for k in range(count):
+  for k in range(start, start + count):
     # Python floats for the coefficients: 0.0 ** 0 == 1.0 handles a == 0.
-    m_k = a**k * norms[index[(0, k)]]
-    for j in range(k):
-      m_k = m_k + c * a**(k - 1 - j) * norms[index[(j + 1, k)]] * m[j]
+    m_k = a**(k - start) * norms[index[(start, k)]]
+    for j in range(start, k):
+      m_k = m_k + c * a**(k - 1 - j) * norms[index[(j + 1, k)]] * m[j - start]
     m.append(m_k)
   return m
 
@@ -209,13 +212,54 @@ def liplt_bound(chain: LinearChain, norms: jax.Array, *, kind: str,
     gain = activations.lipschitz_constant(chain.slopes)
     values = last * (gain * m[-1]) if m else last
     return _assemble(values, kind, chain.num_classes, diagonal)
-  a, c = activations.loop_transformation(chain.slopes)
-  a = abs(a)
   g = class_row_norms(chain, kind=kind, down_to=0)
-  values = a**(n - 1) * g[0]
-  for s in range(1, n):
-    values = values + c * a**(n - 1 - s) * g[s] * m[s - 1]
-  return _assemble(values, kind, chain.num_classes, diagonal)
+  return _assemble(_class_step(chain.slopes, g, m, 0), kind,
+                   chain.num_classes, diagonal)
+
+
+def _class_step(slopes, g, m, start: int):
+  """The recursion's last step for class rows, from layer ``start``'s input:
+  ``|a|^(N-1-start) g[start] + c sum_{t>start} |a|^(N-1-t) g[t] m_{t-1}``
+  (``m`` from ``m_start`` on, ``N = len(g)``)."""
+  a, c = activations.loop_transformation(slopes)
+  a = abs(a)
+  n = len(g)
+  values = a**(n - 1 - start) * g[start]
+  for t in range(start + 1, n):
+    values = values + c * a**(n - 1 - t) * g[t] * m[t - 1 - start]
+  return values
+
+
+def liplt_pair_tails(chain: LinearChain, norms: jax.Array) -> jax.Array:
+  """Pairwise LipLT bounds from every layer's input to the logits.
+
+  ``T_s[y, i]`` bounds the Lipschitz constant of ``(e_y - e_i)^T f_s``,
+  with ``f_s`` the sub-network of layers ``s .. N-1`` (the activation of
+  layer ``s - 1`` is not part of it): the pairwise bound of
+  :func:`liplt_bound` started at layer ``s``, with the same product norms
+  (all ``(s', e)`` with ``s' >= s``) and exact class rows. ``T_0`` is the
+  network's own bound; ``T_{N-1}`` the logits layer's pair rows
+  ``||w_y - w_i||``. The float32 evaluation margin multiplies a rounding
+  error made at layer ``s - 1``'s activation output by ``T_s``
+  (:mod:`lipjax.certification.float32_error`). Traceable.
+
+  Args:
+    chain: the network (N layers).
+    norms: norms of ``required_products(N, method="liplt",
+      kind="pairwise")``.
+
+  Returns:
+    ``[N, K, K]`` (zero diagonals).
+  """
+  n = chain.num_layers
+  products = required_products(n, method="liplt", kind="pairwise")
+  g = class_row_norms(chain, kind="pairwise", down_to=0)
+  tails = []
+  for s in range(n):
+    m = liplt_layer_bounds(norms, products, chain.slopes, n - 1 - s, start=s)
+    tails.append(_assemble(_class_step(chain.slopes, g, m, s), "pairwise",
+                           chain.num_classes, 0.0))
+  return jnp.stack(tails)
 
 
 def bound_from_norms(chain: LinearChain, norms: jax.Array, *, method: str,
