@@ -20,12 +20,12 @@ from lipjax.certification import sound_bound
 from tests import evaluation
 
 
-def _model(activation="relu", batch_norm=False, seed=0):
+def _model(activation="relu", batch_norm=False, seed=0, std=(0.25, 0.3)):
   model = lipjax.models.build(
       [("conv", 4, 3, 2, 1), ("conv", 6, 3, 1, 1), ("dense", 20),
        ("dense", None)], num_classes=5, input_shape=(8, 8, 2),
       rngs=nnx.Rngs(seed), activation=activation, batch_norm=batch_norm,
-      input_mean=(0.4, 0.5), input_std=(0.25, 0.3))
+      input_mean=(0.4, 0.5), input_std=std)
   if batch_norm:
     rng = np.random.default_rng(seed)
     for bn in model.batch_norms:
@@ -37,11 +37,13 @@ def _model(activation="relu", batch_norm=False, seed=0):
   return model
 
 
-def _error(model, x):
+def _error(model, x, tails=False):
+  """The margin with sound_bound's numbers; ``tails``: with its tails."""
   bounds, _ = sound_bound.sound_bound(model, method="liplt", kind="pairwise",
                                       exact=True)
-  return float32_error.logit_error_bounds(model, x, bounds["layer_norms"],
-                                          bounds["lipschitz_to"])
+  return float32_error.logit_error_bounds(
+      model, x, bounds["layer_norms"], bounds["lipschitz_to"],
+      bounds["error_tails"] if tails else None)
 
 
 @pytest.mark.parametrize("activation,batch_norm", [
@@ -69,7 +71,8 @@ def test_error_bound_covers_float32_evaluation_in_the_ball(activation,
       assert np.all(pair_err <= at_r0 + r * slope)
 
 
-def test_point_a_few_ulps_from_the_boundary_is_not_certified():
+@pytest.mark.parametrize("tails", [False, True])
+def test_point_a_few_ulps_from_the_boundary_is_not_certified(tails):
   model = _model()
   rng = np.random.default_rng(3)
   a, b = rng.uniform(0, 1, (2, 1, 8, 8, 2)).astype(np.float32)
@@ -89,7 +92,9 @@ def test_point_a_few_ulps_from_the_boundary_is_not_certified():
   top2 = np.sort(logits[0])[-2:]
   assert top2[1] - top2[0] < 1e-4 * np.abs(top2).max()  # At the boundary.
   error = float32_error.logit_error_bounds(
-      model, point, bounds["layer_norms"], bounds["lipschitz_to"])
+      model, point, bounds["layer_norms"], bounds["lipschitz_to"],
+      bounds["error_tails"] if tails else None)
+  assert (error.tails is not None) == tails
   radius, certified = float32_error.certify_float64(
       logits, labels, lip, error, np.array([0.0, 1e-7]))
   assert radius[0] <= 0 and not certified.any()
@@ -124,7 +129,8 @@ def test_certify_float64_matches_radii_without_error_and_fails_closed():
   assert r[0] <= 0 and not cert[:, 0].any()
 
 
-def test_large_batch_norm_multiplier_is_covered():
+@pytest.mark.parametrize("tails", [False, True])
+def test_large_batch_norm_multiplier_is_covered(tails):
   # The reviewer's case: conv weights 1e-6 then batch norm x 1e6. The conv's
   # rounding is multiplied by the BN scale; the bound was 2.4x too small.
   h, c = 16, 3
@@ -141,7 +147,8 @@ def test_large_batch_norm_multiplier_is_covered():
   model.layers[1].kernel[...] = jnp.asarray([[1.0, -1.0]], jnp.float32)
   model.layers[1].bias[...] = jnp.zeros(2)
   x = np.zeros((1, h, h, c), np.float32)
-  error = _error(model, x)
+  error = _error(model, x, tails)
+  assert (error.tails is not None) == tails
   at_r0, slope = error.pair(np.array([0]))
   rng = np.random.default_rng(1)
   for _ in range(100):
@@ -152,6 +159,162 @@ def test_large_batch_norm_multiplier_is_covered():
     exact = evaluation.float64_logits(model, point)[0]
     actual = abs((z[0] - z[1]) - (exact[0] - exact[1]))
     assert actual <= at_r0[0, 1] + radius * slope[0, 1]
+
+
+@pytest.mark.parametrize("activation,batch_norm", [
+    ("relu", False), ("leaky_relu", True), ("tanh", True)])
+def test_error_bound_with_tails_covers_float32_evaluation(activation,
+                                                          batch_norm):
+  # Every class as the reference, at the points and in their ball, several
+  # batch sizes; the input's rounding, every layer's and every activation's
+  # reach the logits through the tails.
+  model = _model(activation, batch_norm, seed=2)
+  rng = np.random.default_rng(4)
+  x = rng.uniform(0, 1, (24, 8, 8, 2)).astype(np.float32)
+  error = _error(model, x, tails=True)
+  assert error.tails.shape == (len(model.layers), 5, 5)
+  assert error.tail_terms.shape == (24, len(model.layers))
+  assert evaluation.check_covered(model, error, x, 0.7, rng) > 0
+  top = np.max(np.abs(evaluation.float64_logits(model, x)))
+  at_r0, _ = error.pair(np.zeros(len(x), int))
+  assert np.max(at_r0) < 1e-3 * top  # Not vacuous.
+
+
+@pytest.mark.parametrize("activation,batch_norm", [
+    ("relu", True), ("leaky_relu", False)])
+def test_tails_bound_the_jacobians_from_where_errors_are_made(activation,
+                                                              batch_norm):
+  # From the normalized input and from every layer's activation output,
+  # the pair Jacobians of the exact network are within the tails the margin
+  # uses at random points (the tails are Lipschitz bounds), and the layers'
+  # tails not far above them. Every layer after the first is 10x larger, so
+  # a tail that skipped one would be far too small; the stds are above 1,
+  # so one that forgot them too.
+  model = _model(activation, batch_norm, seed=5, std=(2.0, 4.0))
+  for layer in model.layers[1:]:
+    layer.kernel[...] = layer.kernel[...] * 10.0
+  rng = np.random.default_rng(6)
+  x = rng.uniform(0, 1, (1, 8, 8, 2))
+  tails = _error(model, x.astype(np.float32), tails=True).tails
+  off = ~np.eye(model.num_classes, dtype=bool)
+  with jax.enable_x64(True):
+    for _ in range(2):
+      point = jnp.asarray(rng.uniform(0, 1, x.shape))
+      cases = [evaluation.normalized_input(model, point)] + [
+          evaluation.hooked(model, node=k)
+          for k in range(len(model.layers) - 1)]
+      for k, (apply, tail) in enumerate(zip(cases, tails, strict=True)):
+        got = evaluation.pair_gradient_norms(apply, point)
+        assert np.all(got <= tail), np.max(got / np.where(off, tail, 1))
+        assert np.max(got[off] / tail[off]) > (0.05 if k else 1e-3)
+
+
+def test_the_input_tail_of_a_linear_classifier_is_its_jacobian():
+  # One layer: from the normalized input the logits are W h + b, whose pair
+  # Jacobians are the tails up to the rounding allowances (std 2: pixels
+  # move the normalized input by half as much).
+  model = lipjax.models.build([("dense", None)], num_classes=4,
+                              input_shape=(3, 3, 2), rngs=nnx.Rngs(0),
+                              input_mean=(0.5, 0.5), input_std=(2.0, 2.0))
+  x = np.zeros((1, 3, 3, 2))
+  error = _error(model, x.astype(np.float32), tails=True)
+  assert error.tails.shape == (1, 4, 4)
+  with jax.enable_x64(True):
+    got = evaluation.pair_gradient_norms(
+        evaluation.normalized_input(model, jnp.asarray(x)), jnp.asarray(x))
+  np.testing.assert_allclose(error.tails[0], got, rtol=1e-5)
+  assert np.all(error.tails[0] >= got)
+
+
+def _stem_rounding_model():
+  """A network whose only sizeable rounding is its first layer's: 16 terms
+  of about +-500 that cancel to about 10 (inputs come in equal pairs,
+  ``_paired_inputs``); the logits read four channels exactly."""
+  model = lipjax.models.build([("conv", 4, 1, 1, 0), ("dense", None)],
+                              num_classes=5, input_shape=(1, 1, 16),
+                              rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(6)
+  signs = np.where(np.arange(16) % 2, -1.0, 1.0)[:, None]
+  model.layers[0].kernel[...] = jnp.asarray((1e3 * signs * (
+      1 + 1e-3 * rng.normal(size=(16, 4))))[None, None], jnp.float32)
+  model.layers[0].bias[...] = jnp.full(4, 10.0, jnp.float32)
+  model.layers[1].kernel[...] = jnp.eye(4, 5, dtype=jnp.float32)
+  model.layers[1].bias[...] = jnp.zeros(5, jnp.float32)
+  return model
+
+
+@pytest.mark.parametrize("tails", [False, True])
+def test_a_rounding_made_inside_the_network_is_covered(tails):
+  # Elsewhere the observed error is ~1e3 times below the bound; here the
+  # first layer's rounding (~1e-5) is far above every other rounding, and
+  # reaches the logits through its activation and the logits layer.
+  model = _stem_rounding_model()
+  rng = np.random.default_rng(7)
+  x = np.repeat(rng.uniform(0.4, 0.6, (64, 1, 1, 8)), 2, axis=-1).astype(
+      np.float32)
+  error = _error(model, x, tails)
+  assert evaluation.check_covered(model, error, x, 0.0, rng) > 1e-6
+
+
+def _worst_rounding(layer, bn, h):
+  """``(output, worst rounding)`` of a layer (and batch norm) on ``h`` in
+  the standard model, float64: ``gamma_{n+1} (|W| |h| + |b|)`` (times
+  batch norm's multiplier), and batch norm's own ``u |D (z - mean)|``."""
+  w, b = (np.asarray(a[...], np.float64) for a in (layer.kernel, layer.bias))
+  if w.ndim == 2:
+    apply = lambda v, k: v.reshape(len(v), -1) @ k
+  else:
+    apply = lambda v, k: np.asarray(jax.lax.conv_general_dilated(
+        v, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  g = float32_error.gamma(int(np.prod(w.shape[:-1])) + 1)
+  z = apply(h, w) + b
+  rounding = g * (apply(np.abs(h), np.abs(w)) + np.abs(b))
+  if bn is None:
+    return z, rounding
+  mul = np.asarray(bn.scale[...], np.float64) / np.sqrt(
+      np.asarray(bn.var[...], np.float64) + bn.epsilon)
+  centred = mul * (z - np.asarray(bn.mean[...], np.float64))
+  return (centred + np.asarray(bn.bias[...], np.float64),
+          np.abs(mul) * rounding + float32_error.U32 * np.abs(centred))
+
+
+def test_each_operations_worst_rounding_reaches_its_tail():
+  # In the standard model the normalization may err by 2u |h|, a layer by
+  # gamma_{n+1} (|W| |h| + |b|) (times batch norm's multiplier, which also
+  # rounds) and tanh by 8 ulps of its output; each (in L2) is within the
+  # term its tail multiplies. Over the ball a dense layer's input moves by
+  # up to R M (M the LipLT bound up to it), so its rounding by up to
+  # gamma_{n+1} ||W|| R M more: within the slopes.
+  model = lipjax.models.build(
+      [("conv", 3, 3, 1, 1), ("dense", 8), ("dense", None)], num_classes=3,
+      input_shape=(2, 2, 2), rngs=nnx.Rngs(1), activation="tanh",
+      input_mean=(0.5, 0.25), input_std=(0.5, 2.0), batch_norm=True)
+  bn = model.batch_norms[0]
+  bn.scale[...] = jnp.asarray([300.0, -2.0, 0.5], jnp.float32)
+  bn.mean[...] = jnp.asarray([0.5, -0.25, 1.0], jnp.float32)
+  x = np.random.default_rng(8).uniform(0, 1, (6, 2, 2, 2)).astype(
+      np.float32)
+  bounds, _ = sound_bound.sound_bound(model, method="liplt", kind="pairwise",
+                                      exact=True)
+  error = float32_error.logit_error_bounds(
+      model, x, bounds["layer_norms"], bounds["lipschitz_to"],
+      bounds["error_tails"])
+  h = (x.astype(np.float64) - np.array([0.5, 0.25])) / np.array([0.5, 2.0])
+  norm = lambda v: np.linalg.norm(v.reshape(len(v), -1), axis=1)
+  assert np.all(error.tail_terms[:, 0] >= 2 * float32_error.U32 * norm(h))
+  ulps = float32_error.activation_rounding("tanh")
+  moves = [2.0] + list(bounds["lipschitz_to"])  # max 1/std, then M_k.
+  slopes = list(error.tail_slopes[1:]) + [error.l2_slope]
+  for k, layer in enumerate(model.layers):
+    if k:  # The dense layers (a matrix).
+      w = np.asarray(layer.kernel[...], np.float64)
+      g = float32_error.gamma(len(w) + 1)
+      assert slopes[k] >= g * np.linalg.norm(w, 2) * moves[k]
+    if k < len(model.layers) - 1:
+      z, rounding = _worst_rounding(layer, bn if k == 0 else None, h)
+      h = np.tanh(z)
+      assert np.all(error.tail_terms[:, k + 1]
+                    >= norm(rounding + ulps * np.abs(h)))
 
 
 @pytest.mark.parametrize("name", lipjax.activations.ACTIVATIONS)

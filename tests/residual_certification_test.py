@@ -29,12 +29,10 @@ from flax import nnx
 
 import lipjax
 from configs import smoke
-from lipjax import activations
 from lipjax import linear_maps
 from lipjax import residual_bounds
 from lipjax import residual_certified
 from lipjax import residual_graph
-from lipjax import residual_models
 from lipjax.certification import float32_error
 from lipjax.certification import float32_residual
 from lipjax.certification import sound_bound
@@ -96,34 +94,6 @@ def main():
   return model, bounds, report
 
 
-def _check_covered(model, error, x, radius, rng):
-  """The actual error at ``x`` and at points ``radius`` away is within the
-  bound, for several batch sizes; returns the largest error seen.
-
-  Every class pair's difference is checked against ``error.pair``; without
-  Lipschitz tails, every logit against the componentwise bound too.
-  """
-  step = rng.standard_normal(x.shape)
-  step *= radius / np.linalg.norm(step.reshape(len(x), -1), axis=1)[
-      :, None, None, None]
-  classes = model.num_classes
-  pairs = [error.pair(np.full(len(x), y)) for y in range(classes)]
-  worst = 0.0
-  for point in (x, (x + step).astype(np.float32)):
-    r = np.linalg.norm((point.astype(np.float64) - x).reshape(len(x), -1),
-                       axis=1)[:, None]
-    exact = evaluation.float64_logits(model, point)
-    for batch in (1, 7, len(x)):
-      diff = evaluation.float32_logits(model, point, batch) - exact
-      if error.tails is None:
-        bound = error.elementwise + error.l2[:, None] + r * error.l2_slope
-        assert np.all(np.abs(diff) <= bound), np.max(np.abs(diff) / bound)
-      for y, (at_r0, slope) in enumerate(pairs):
-        assert np.all(np.abs(diff[:, y:y + 1] - diff) <= at_r0 + r * slope)
-      worst = max(worst, float(np.abs(diff).max()))
-  return worst
-
-
 def _exact_tails(model):
   """error_tails from dense-SVD norms of every pairwise LipLT map."""
   with jax.enable_x64(True):
@@ -154,7 +124,7 @@ def test_error_bound_covers_float32_evaluation_in_the_ball(case, tails, main):
   error = float32_error.logit_error_bounds(model, x, norms, nodes,
                                            error_tails if tails else None)
   assert (error.tails is not None) == tails
-  worst = _check_covered(model, error, x, 0.7, rng)
+  worst = evaluation.check_covered(model, error, x, 0.7, rng)
   assert worst > 0  # The network does round.
   # Sound but not useless: far below the logits, and the slope far below
   # the product of the single norms (a Lipschitz bound of the network).
@@ -178,57 +148,6 @@ def test_tails_are_tighter_than_carrying_by_single_norms(main):
     assert np.median(tight[:, 1:] / loose[:, 1:]) < 0.5
 
 
-def _hooked(model, *, node=None, block=None):
-  """``(x, p) -> logits`` in float64 with ``p`` added to node ``node``'s
-  activation output or to residual block ``block``'s output (``p=None``:
-  nothing added; the shape of that point is recorded in ``.shape``)."""
-  graphdef, state = nnx.split(model)
-  state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-  spec = activations.get_activation(model.activation)
-  block_call = residual_models.ResidualBlock.__call__
-
-  def apply(x, p):
-    count = {"node": 0, "block": 0}
-
-    def add(h, kind, target):
-      if count[kind] == target:
-        apply.shape = h.shape
-        h = h if p is None else h + p
-      count[kind] += 1
-      return h
-
-    act = lambda h: add(spec.fn(h), "node", node)
-    hooked = dataclasses.replace(spec, fn=act)
-    blocks = lambda self, h, fn: add(block_call(self, h, fn), "block", block)
-    with _patched(activations, "get_activation", lambda name: hooked), \
-        _patched(residual_models.ResidualBlock, "__call__", blocks):
-      return nnx.merge(graphdef, state64)(x)
-  return apply
-
-
-class _patched:
-  """Sets ``owner.name = value`` inside a ``with``."""
-
-  def __init__(self, owner, name, value):
-    self.owner, self.name, self.value = owner, name, value
-
-  def __enter__(self):
-    self.saved = getattr(self.owner, self.name)
-    setattr(self.owner, self.name, self.value)
-
-  def __exit__(self, *exc):
-    setattr(self.owner, self.name, self.saved)
-
-
-def _pair_gradient_norms(apply, x):
-  """``[K, K]``: ``||d (z_y - z_i) / dp||`` at ``p = 0`` for ``apply``."""
-  apply(x, None)  # Records the shape of p.
-  p0 = jnp.zeros(apply.shape, jnp.float64)
-  jac = jax.jacrev(lambda p: apply(x, p)[0])(p0).reshape(-1, p0.size)
-  diff = jac[:, None, :] - jac[None, :, :]
-  return np.linalg.norm(np.asarray(diff), axis=-1)
-
-
 @pytest.mark.parametrize("spec", ["main", "chained"])
 def test_tails_bound_the_jacobians_from_where_errors_are_made(spec):
   # From every node's activation output, every block's output and the
@@ -248,34 +167,20 @@ def test_tails_bound_the_jacobians_from_where_errors_are_made(spec):
   assert len(outputs) == 1 + blocks
   off = ~np.eye(model.num_classes, dtype=bool)
   rng = np.random.default_rng(9)
-  std = np.asarray(model.input_std, np.float64)
   with jax.enable_x64(True):
     for _ in range(2):
       x = jnp.asarray(rng.uniform(0, 1, (1,) + INPUT))
-      cases = [(_hooked(model, node=j), node_tails[j])
+      cases = [(evaluation.hooked(model, node=j), node_tails[j])
                for j in range(len(node_tails))]
-      cases += [(_hooked(model, block=b), outputs[b + 1])
+      cases += [(evaluation.hooked(model, block=b), outputs[b + 1])
                 for b in range(blocks)]
-      # The normalized input: a change p there is x + std p in pixels.
-      plain = _hooked(model)
-      normalized = _Shaped(
-          lambda x, p: plain(x if p is None else x + std * p, None), x.shape)
+      normalized = evaluation.normalized_input(model, x)
       for apply, tail in cases:
-        got = _pair_gradient_norms(apply, x)
+        got = evaluation.pair_gradient_norms(apply, x)
         assert np.all(got <= tail), np.max(got / np.where(off, tail, 1))
         assert np.max(got[off] / tail[off]) > 0.02
-      got = _pair_gradient_norms(normalized, x)
+      got = evaluation.pair_gradient_norms(normalized, x)
       assert np.all(got <= outputs[0])
-
-
-class _Shaped:
-  """A function ``(x, p)`` with a fixed ``shape`` for ``p``."""
-
-  def __init__(self, fn, shape):
-    self.fn, self.shape = fn, shape
-
-  def __call__(self, x, p):
-    return self.fn(x, p)
 
 
 def _set(variable, value):
@@ -349,7 +254,7 @@ def test_error_bound_covers_adversarially_scaled_weights(build, tails):
   x = rng.uniform(0, 1, (32,) + shape).astype(np.float32)
   error = float32_error.logit_error_bounds(
       model, x, *_proof_only(model), _exact_tails(model) if tails else None)
-  assert _check_covered(model, error, x, 0.5, rng) > 0
+  assert evaluation.check_covered(model, error, x, 0.5, rng) > 0
 
 
 def _stem_error_through(block):
@@ -400,7 +305,7 @@ def test_an_error_passed_on_by_a_shortcut_alone_is_covered(block, tails):
   x = _paired_inputs(rng, 64)
   error = float32_error.logit_error_bounds(
       model, x, *_proof_only(model), _exact_tails(model) if tails else None)
-  worst = _check_covered(model, error, x, 0.0, rng)
+  worst = evaluation.check_covered(model, error, x, 0.0, rng)
   assert worst > 1e-6
 
 

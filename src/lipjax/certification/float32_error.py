@@ -30,6 +30,15 @@ elementwise part at the logits) and ``E1`` (from ``beta``). Flushed
 subnormals add ``2^-126`` per operation of a dot product (weights flushed
 to zero ``2^-126`` times their input), and an absolute ``UNDERFLOW`` per
 other value.
+
+With a pairwise LipLT certificate's tails (``sound_bound``'s
+``"error_tails"``) the errors are not carried layer by layer: the error
+each operation makes on its computed input (its *local* error) reaches a
+class pair's logit difference through the pairwise Lipschitz bound of the
+exact network from where it is made (telescoping over the operations), so
+the bound is per class pair instead of per logit: the logits layer's own
+rounding plus ``sum_k T_k ||delta_k||`` (:class:`EvaluationError`;
+docs/certificates.md).
 :mod:`lipjax.certification.float32_residual` does the same for a
 :class:`lipjax.residual_models.ResidualNet` (:func:`logit_error_bounds`
 hands it over).
@@ -168,12 +177,115 @@ def row_l2(x):
   return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Err:
+  """An error bound: elementwise ``fresh [B, ...]`` plus vectors of L2 norm
+  at most ``xi [B]`` and ``R beta`` (``beta`` a scalar)."""
+  fresh: jax.Array
+  xi: jax.Array
+  beta: jax.Array
+
+  def __add__(self, other: "Err") -> "Err":
+    return Err(self.fresh + other.fresh, self.xi + other.xi,
+               self.beta + other.beta)
+
+  def times(self, factor) -> "Err":
+    return Err(self.fresh * factor, self.xi * factor, self.beta * factor)
+
+
+def carry(by_abs, err: Err, norm) -> Err:
+  """``err`` through a map of norm ``norm``: its elementwise part either
+  elementwise (``by_abs``, ``|map| err.fresh``) or in L2, per example
+  whichever is smaller (elementwise is tight for few, wide rows, L2 for
+  many: it does not pay ``|W|``'s missing cancellations)."""
+  by_l2 = norm * row_l2(err.fresh)
+  keep = row_l2(by_abs) <= by_l2
+  rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
+  return Err(jnp.where(rows, by_abs, 0.0),
+             norm * err.xi + jnp.where(keep, 0.0, by_l2), norm * err.beta)
+
+
+def error_terms(err: Err):
+  """``(L2 norms at R = 0 [B], per unit of R)`` of an error."""
+  return row_l2(err.fresh) + err.xi, err.beta
+
+
+def stack_terms(errors: list):
+  """``([B, J], [J])`` of :func:`error_terms` for a list of errors (None
+  for an empty list)."""
+  if not errors:
+    return None
+  terms = [error_terms(e) for e in errors]
+  return (jnp.stack([t for t, _ in terms], axis=1),
+          jnp.stack([jnp.asarray(b, jnp.float64) for _, b in terms]))
+
+
+def affine_rounding(layer: Layer, h, move, err: Err):
+  """The rounding of ``W h + b`` on a computed input.
+
+  Args:
+    layer: the layer (its batch norm is not applied here).
+    h, move, err: the input at ``x``, how far it moves per unit of ``R``,
+      and its error.
+
+  Returns:
+    ``(z, own, by_abs, absolute)``: ``W h + b`` at ``x``; the rounding's
+    :class:`Err` (``gamma (|W| |h'| + |b|)`` for the computed input ``h'``:
+    its values at ``x``, its error and its move); ``|W| err.fresh`` (the
+    elementwise carry); and Schur's bound on ``|| |W| ||``.
+  """
+  g = gamma(layer.fan_in + 1)
+  # |W| + FLUSH / g: a weight flushed to zero errs by FLUSH |h|.
+  abs_w = jnp.abs(layer.weight) + FLUSH / g
+  absolute = abs_norm(layer, abs_w)
+  own = Err(g * (layer.linear(jnp.abs(h) + err.fresh, abs_w)
+                 + jnp.abs(layer.bias)) + flushed(layer.fan_in),
+            g * absolute * err.xi, g * absolute * (err.beta + move))
+  return (layer.linear(h) + layer.bias, own, layer.linear(err.fresh, abs_w),
+          absolute)
+
+
+def _layer_error(layer: Layer, h, move, err: Err, through):
+  """One conv or dense layer (and its batch norm) on a computed input.
+
+  Args:
+    layer: the layer.
+    h, move, err: its input at ``x``, how far it moves per unit of ``R``,
+      and its error.
+    through: a certified bound on the layer's norm (batch norm included).
+
+  Returns:
+    ``(z, error, local)``: the output at ``x``; its error; and ``local``,
+    the error made here on the computed input (``error`` less the input's
+    own error carried through the map).
+  """
+  z, own, by_abs, absolute = affine_rounding(layer, h, move, err)
+  if layer.bn_mul is None:
+    return z, own + carry(by_abs, err, through), own
+  # BN rounds 3 times; its multiplier may also differ from the device's
+  # by a few ulps (another computation of gamma * rsqrt(var + eps)): a
+  # relative 2 g3 on what enters it, and g3 of its own values.
+  mul, g3 = jnp.abs(layer.bn_mul), gamma(3) + 4.0 * U32
+  top = jnp.max(mul)
+  bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
+  own = Err(mul * own.fresh, top * own.xi, top * own.beta)
+  carried = carry(mul * by_abs, err, through)  # through: D W's norm.
+  extra = Err(g3 * (mul * (jnp.abs(z) + jnp.abs(layer.bn_mean)) + bn_bias)
+              + UNDERFLOW, 0.0, g3 * top * absolute * move)
+  rho = 2.0 * g3
+  z = (z - layer.bn_mean) * layer.bn_mul + (
+      0.0 if layer.bn_bias is None else layer.bn_bias)
+  return (z, (own + carried).times(1.0 + rho) + extra,
+          own.times(1.0 + rho) + extra + carried.times(rho))
+
+
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
                *, activation: str):
-  """The three parts of the error bound at the logits (see the module doc).
+  """The error bound at the logits (see the module doc), two ways.
 
   At every layer the error of the computed value at ``x'`` is bounded by
+  an :class:`Err`:
 
   * ``fresh``: an elementwise part, the rounding of this layer's own
     operations on the values at ``x`` (``[B, ...]``);
@@ -183,7 +295,14 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
     the rounding of how far the values move over the ball, propagated too.
 
   Returns:
-    ``(fresh [B, K], xi [B], beta)``.
+    A dict: ``carried`` ``(fresh [B, K], xi [B], beta)``, every error
+    carried to the logits by the single layers' norms; ``logits`` the same
+    for the logits layer's own rounding alone (on its computed input);
+    ``input`` ``([B, 1], [1])``, the L2 sizes (at ``R = 0``, per unit of
+    ``R``) of the input normalization's rounding; ``nodes`` ``([B, N-1],
+    [N-1])``, those of the errors made at each layer ``k < N-1`` as seen
+    from its activation output (its pre-activation's times ``Lip(phi)``,
+    plus the activation's), or None for a single layer.
   """
   act = activations.get_activation(activation)
   gain = activations.lipschitz_constant(act.slopes)
@@ -193,57 +312,25 @@ def _propagate(layers, x, layer_norms, lipschitz_to, inv_std, mean, std_max,
   # Subtract, then divide: 3 roundings, since XLA may rewrite a division
   # by a constant into a product with its rounded reciprocal.
   rounding = (1.0 + U32)**3 - 1.0
-  fresh = rounding * jnp.abs(h) + UNDERFLOW
-  xi, beta = jnp.zeros(x.shape[0], x.dtype), rounding * move
+  err = Err(rounding * jnp.abs(h) + UNDERFLOW, jnp.zeros(x.shape[0], x.dtype),
+            rounding * move)
+  normalization, nodes = err, []
   for k, layer in enumerate(layers):
-    g = gamma(layer.fan_in + 1)
-    # |W| + FLUSH / g: a weight flushed to zero errs by FLUSH |h|.
-    abs_w = jnp.abs(layer.weight) + FLUSH / g
-    absolute = abs_norm(layer, abs_w)
     # This layer's norm from h's coordinates (the first layer's certified
     # norm includes 1/std; its map from h does not).
     through = layer_norms[k] * (std_max if k == 0 else 1.0)
-    z = layer.linear(h) + layer.bias
-    rounding = g * (layer.linear(jnp.abs(h) + fresh, abs_w)
-                    + jnp.abs(layer.bias)) + flushed(layer.fan_in)
-    # The earlier fresh error passes through W either elementwise (|W| e)
-    # or in L2 (||W|| ||e||); both bound it. Per example, keep the one whose
-    # L2 size is smaller: elementwise is tight for few, wide rows, L2 for
-    # many (it does not pay |W|'s missing cancellations).
-    by_abs = layer.linear(fresh, abs_w)
-    by_l2 = through * row_l2(fresh)
-    keep = row_l2(by_abs) <= by_l2
-    keep_rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
-    new_fresh = rounding + jnp.where(keep_rows, by_abs, 0.0)
-    # Propagated errors (through the certified norm, which already holds
-    # batch norm's scale) and this layer's rounding (before the scale).
-    prop_xi = through * xi + jnp.where(keep, 0.0, by_l2)
-    round_xi = g * absolute * xi
-    prop_beta, round_beta = through * beta, g * absolute * (beta + move)
-    if layer.bn_mul is None:
-      new_xi, new_beta = prop_xi + round_xi, prop_beta + round_beta
-    else:
-      # BN rounds 3 times; its multiplier may also differ from the device's
-      # by a few ulps (another computation of gamma * rsqrt(var + eps)).
-      mul, g3 = jnp.abs(layer.bn_mul), gamma(3) + 4.0 * U32
-      top = jnp.max(mul)
-      bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
-      new_fresh = mul * new_fresh * (1.0 + g3) + g3 * (
-          mul * (jnp.abs(z) + new_fresh + jnp.abs(layer.bn_mean))
-          + bn_bias) + UNDERFLOW
-      new_xi = (prop_xi + top * round_xi) * (1.0 + 2.0 * g3)
-      new_beta = (prop_beta + top * round_beta) * (1.0 + 2.0 * g3) + (
-          g3 * top * absolute * move)
-      z = (z - layer.bn_mean) * layer.bn_mul + (
-          0.0 if layer.bn_bias is None else layer.bn_bias)
-    fresh, xi, beta = new_fresh, new_xi, new_beta
+    z, err, local = _layer_error(layer, h, move, err, through)
     if k == len(layers) - 1:
-      return fresh, xi, beta
+      return {"carried": (err.fresh, err.xi, err.beta),
+              "logits": (local.fresh, local.xi, local.beta),
+              "input": stack_terms([normalization]),
+              "nodes": stack_terms(nodes)}
     h = act.fn(z)
     move = gain * lipschitz_to[k]
-    fresh = gain * fresh + ulps * (jnp.abs(h) + gain * fresh) + UNDERFLOW
-    xi = gain * xi * (1.0 + ulps)
-    beta = gain * beta + ulps * (move + gain * beta)
+    rounding = Err(ulps * (jnp.abs(h) + gain * err.fresh) + UNDERFLOW,
+                   gain * err.xi * ulps, ulps * (move + gain * err.beta))
+    err = err.times(gain) + rounding
+    nodes.append(local.times(gain) + rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +374,29 @@ class EvaluationError:
     return at_r0, slope
 
   @classmethod
+  def from_parts(cls, at_logits, tailed=()) -> "EvaluationError":
+    """A bound from its parts, inflated by ``1 + 1e-9`` for the float64
+    arithmetic of the bound itself.
+
+    Args:
+      at_logits: ``(fresh [B, K], xi [B], beta)``, the error at the logits
+        (or, with ``tailed``, the logits layer's own).
+      tailed: ``[(tails [J, K, K], (terms [B, J], slopes [J]))]``: errors
+        made inside the network and their tails (empty: none).
+    """
+    slack = 1.0 + 1e-9
+    fresh, xi, beta = at_logits
+    if not tailed:
+      return cls(elementwise=fresh * slack, l2=xi * slack,
+                 l2_slope=float(beta) * slack)
+    return cls(
+        elementwise=fresh * slack, l2=xi * slack,
+        l2_slope=float(beta) * slack,
+        tails=np.concatenate([t for t, _ in tailed]),
+        tail_terms=np.concatenate([p[0] for _, p in tailed], axis=1) * slack,
+        tail_slopes=np.concatenate([p[1] for _, p in tailed]) * slack)
+
+  @classmethod
   def concatenate(cls, parts: list["EvaluationError"]) -> "EvaluationError":
     """One bound for the examples of ``parts`` (batches of one network)."""
     tails = parts[0].tails
@@ -298,7 +408,6 @@ class EvaluationError:
                     np.concatenate([e.tail_terms for e in parts])),
         tail_slopes=(None if tails is None else np.max(
             np.stack([e.tail_slopes for e in parts]), axis=0)))
-
 
 
 def logit_error_bounds(model, images, layer_norms, lipschitz_to,
@@ -316,9 +425,14 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to,
     lipschitz_to: ``[N]`` L2 Lipschitz bounds from the input to each
       layer's output before its activation (batch norm included); only the
       first ``N - 1`` are used.
-    tails: residual networks only: pairwise Lipschitz bounds from inside
-      the network to the logits (``sound_bound``'s ``"error_tails"``; see
-      :func:`~lipjax.certification.float32_residual.logit_error_bounds`).
+    tails: None, or ``sound_bound``'s ``"error_tails"``: pairwise Lipschitz
+      bounds from inside the network to the logits. Then every rounding
+      error reaches the logits through the bound from where it is made
+      (much tighter) instead of through products of single-layer norms.
+      For a SequentialNet ``(node_tails [N-1, K, K], input_tail [K, K])``
+      (:func:`lipjax.certification.sound_bound.chain_error_tails`); for a
+      ResidualNet see
+      :func:`~lipjax.certification.float32_residual.logit_error_bounds`.
 
   Returns:
     An :class:`EvaluationError`, inflated by ``1 + 1e-9`` for the float64
@@ -330,25 +444,43 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to,
     from lipjax.certification import float32_residual
     return float32_residual.logit_error_bounds(model, images, layer_norms,
                                                lipschitz_to, tails)
-  if tails is not None:
-    raise ValueError("Error tails are implemented for residual networks "
-                     "only; pass tails=None.")
+  # The deployed network's constants are float32: the exact network that
+  # the error is measured against uses the same values.
+  std = np.asarray(model.input_std, np.float32).astype(np.float64)
+  from_input = None if tails is None else _input_tail(model, tails,
+                                                      std.max())
   with jax.enable_x64(True):
-    layers = _layers(model)
-    # The deployed network's constants are float32: the exact network that
-    # the error is measured against uses the same values.
-    std = np.asarray(model.input_std, np.float32).astype(np.float64)
     mean32 = np.asarray(model.input_mean, np.float32).astype(np.float64)
-    fresh, xi, beta = _propagate(
-        layers, jnp.asarray(np.asarray(images, np.float64)),
+    parts = jax.tree.map(np.asarray, _propagate(
+        _layers(model), jnp.asarray(np.asarray(images, np.float64)),
         jnp.asarray(np.asarray(layer_norms, np.float64)),
         jnp.asarray(np.asarray(lipschitz_to, np.float64)),
         jnp.asarray(1.0 / std), jnp.asarray(mean32),
-        float(std.max()), activation=model.activation)
-    slack = 1.0 + 1e-9
-    return EvaluationError(elementwise=np.asarray(fresh) * slack,
-                           l2=np.asarray(xi) * slack,
-                           l2_slope=float(beta) * slack)
+        float(std.max()), activation=model.activation))
+  if tails is None:
+    return EvaluationError.from_parts(parts["carried"])
+  tailed = [(from_input[None], parts["input"])]
+  if parts["nodes"] is not None:
+    tailed.append((np.asarray(tails[0], np.float64), parts["nodes"]))
+  return EvaluationError.from_parts(parts["logits"], tailed)
+
+
+def _input_tail(model, tails, std_max: float) -> np.ndarray:
+  """``[K, K]``: a pairwise Lipschitz bound from the normalized input.
+
+  ``tails[1]`` is from the pixel input, with ``1/std`` (rounded up) folded
+  into the first layer; from the normalized input, where ``std`` is not,
+  each of its maps is at most ``std_max`` times larger.
+  """
+  node_tails, input_tail = (np.asarray(t, np.float64) for t in tails)
+  n, k = len(model.layers), model.num_classes
+  if node_tails.shape != (n - 1, k, k) or input_tail.shape != (k, k):
+    raise ValueError(
+        f"A {n}-layer network with {k} classes needs tails of shapes "
+        f"({n - 1}, {k}, {k}) and ({k}, {k}) (sound_bound's error_tails), "
+        f"got {node_tails.shape} and {input_tail.shape}.")
+  # One float64 product of nonnegative numbers per entry.
+  return std_max * input_tail * (1.0 + 1e-12)
 
 
 def certify_float64(logits: np.ndarray, labels: np.ndarray, lipschitz,

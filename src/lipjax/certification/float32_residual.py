@@ -51,6 +51,7 @@ from lipjax import linear_maps
 from lipjax import norm_certificates
 from lipjax.certification import float32_error
 from lipjax.certification.float32_error import U32
+from lipjax.certification.float32_error import Err
 from lipjax.certification.float32_error import Layer
 
 FLUSH = float32_error.FLUSH
@@ -198,22 +199,6 @@ def num_op_norms(model) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Err:
-  """An error bound: elementwise ``fresh [B, ...]`` plus vectors of L2 norm
-  at most ``xi [B]`` and ``R beta`` (scalar)."""
-  fresh: jax.Array
-  xi: jax.Array
-  beta: jax.Array
-
-  def __add__(self, other: "_Err") -> "_Err":
-    return _Err(self.fresh + other.fresh, self.xi + other.xi,
-                self.beta + other.beta)
-
-  def times(self, factor) -> "_Err":
-    return _Err(self.fresh * factor, self.xi * factor, self.beta * factor)
-
-
-@dataclasses.dataclass(frozen=True)
 class _Affine:
   """A conv or dense layer with bias and optional batch norm, in parts.
 
@@ -225,33 +210,23 @@ class _Affine:
   """
   value: jax.Array
   move: jax.Array
-  own: _Err
-  carried: _Err
-  extra: _Err
+  own: Err
+  carried: Err
+  extra: Err
   rho: float
   by_abs: jax.Array
 
-  def error(self) -> _Err:
+  def error(self) -> Err:
     return (self.own + self.carried).times(1.0 + self.rho) + self.extra
 
-  def local(self) -> _Err:
+  def local(self) -> Err:
     """The error made here, on the computed input: :meth:`error` less
     the input's own error carried through ``D W``."""
     return (self.own.times(1.0 + self.rho) + self.extra
             + self.carried.times(self.rho))
 
 
-def _carry(by_abs, fresh, xi, beta, norm) -> _Err:
-  """An input error through a map of norm ``norm``; its elementwise part
-  either elementwise (``by_abs``) or in L2, per example the smaller."""
-  by_l2 = norm * float32_error.row_l2(fresh)
-  keep = float32_error.row_l2(by_abs) <= by_l2
-  rows = keep.reshape((-1,) + (1,) * (by_abs.ndim - 1))
-  return _Err(jnp.where(rows, by_abs, 0.0),
-              norm * xi + jnp.where(keep, 0.0, by_l2), norm * beta)
-
-
-def _affine(layer: Layer, value, move, err: _Err, norm, node_bound
+def _affine(layer: Layer, value, move, err: Err, norm, node_bound
             ) -> _Affine:
   """``D (W h + b - mean) + bias`` (see :class:`_Affine`).
 
@@ -261,52 +236,44 @@ def _affine(layer: Layer, value, move, err: _Err, norm, node_bound
     norm: a certified bound on ``||D W||``.
     node_bound: a bound on the output's move (inf if none).
   """
-  g = float32_error.gamma(layer.fan_in + 1)
-  # |W| + FLUSH / g: a weight flushed to zero errs by FLUSH |h|.
-  abs_w = jnp.abs(layer.weight) + FLUSH / g
-  absolute = float32_error.abs_norm(layer, abs_w)
-  z = layer.linear(value) + layer.bias
-  own = _Err(g * (layer.linear(jnp.abs(value) + err.fresh, abs_w)
-                  + jnp.abs(layer.bias)) + float32_error.flushed(
-                      layer.fan_in),
-             g * absolute * err.xi, g * absolute * (err.beta + move))
-  carry_abs = layer.linear(err.fresh, abs_w)
+  z, own, carry_abs, absolute = float32_error.affine_rounding(
+      layer, value, move, err)
   out_move = jnp.minimum(node_bound, norm * move)
   if layer.bn_mul is None:
-    return _Affine(z, out_move, own, _carry(carry_abs, err.fresh, err.xi,
-                                            err.beta, norm),
-                   _Err(0.0, 0.0, 0.0), 0.0, carry_abs)
+    return _Affine(z, out_move, own,
+                   float32_error.carry(carry_abs, err, norm),
+                   Err(0.0, 0.0, 0.0), 0.0, carry_abs)
   mul = jnp.abs(layer.bn_mul)
   top, centred = jnp.max(mul), z - layer.bn_mean
   by_abs = mul * carry_abs
   bn_bias = 0.0 if layer.bn_bias is None else layer.bn_bias
   # A multiplier or a bias flushed to zero: FLUSH times the pre-scale value
   # and its error (the L2 parts of W e through |||W||| >= ||W||).
-  extra = _Err(
+  extra = Err(
       _BN_RHO * mul * jnp.abs(centred) + U32 * jnp.abs(bn_bias)
       + 2.0 * FLUSH * (jnp.abs(centred) + own.fresh + carry_abs + 2.0 + mul),
       2.0 * FLUSH * (own.xi + absolute * err.xi),
       _BN_RHO * out_move
       + 2.0 * FLUSH * (own.beta + absolute * (err.beta + move)))
   return _Affine(centred * layer.bn_mul + bn_bias, out_move,
-                 _Err(mul * own.fresh, top * own.xi, top * own.beta),
-                 _carry(by_abs, err.fresh, err.xi, err.beta, norm), extra,
+                 Err(mul * own.fresh, top * own.xi, top * own.beta),
+                 float32_error.carry(by_abs, err, norm), extra,
                  _BN_RHO, by_abs)
 
 
-def _add(value, move, err: _Err):
+def _add(value, move, err: Err):
   """The rounding of a sum whose exact value is ``value`` (error ``err``
   before rounding): ``u |computed|``, and a flushed result.
 
   Returns:
     ``(value, move, error, local)``: ``local`` is the rounding alone.
   """
-  local = _Err(U32 * (err.fresh + jnp.abs(value)) + FLUSH, U32 * err.xi,
-               U32 * (err.beta + move))
+  local = Err(U32 * (err.fresh + jnp.abs(value)) + FLUSH, U32 * err.xi,
+              U32 * (err.beta + move))
   return value, move, err + local, local
 
 
-def _activate(value, move, err: _Err, act, gain: float, ulps: float):
+def _activate(value, move, err: Err, act, gain: float, ulps: float):
   """``phi`` (Lipschitz ``gain`` per coordinate), rounded to ``ulps``.
 
   Returns:
@@ -314,12 +281,12 @@ def _activate(value, move, err: _Err, act, gain: float, ulps: float):
   """
   h = act.fn(value)
   h_move = gain * move
-  local = _Err(ulps * (jnp.abs(h) + gain * err.fresh) + float32_error.UNDERFLOW,
-               gain * err.xi * ulps, ulps * (h_move + gain * err.beta))
+  local = Err(ulps * (jnp.abs(h) + gain * err.fresh) + float32_error.UNDERFLOW,
+              gain * err.xi * ulps, ulps * (h_move + gain * err.beta))
   return h, h_move, err.times(gain) + local, local
 
 
-def _linear_residual(layer: Layer, value, move, err: _Err, norm_dw,
+def _linear_residual(layer: Layer, value, move, err: Err, norm_dw,
                      norm_idw, node_bound):
   """``x + D (W x + b - mean) + bias``: the input error through ``I + D W``
   (elementwise ``|e| + |D||W||e|``, or by ``||I + D W||``), this layer's
@@ -330,8 +297,7 @@ def _linear_residual(layer: Layer, value, move, err: _Err, norm_dw,
     the computed input).
   """
   parts = _affine(layer, value, move, err, norm_dw, jnp.inf)
-  through = _carry(err.fresh + parts.by_abs, err.fresh, err.xi, err.beta,
-                   norm_idw)
+  through = float32_error.carry(err.fresh + parts.by_abs, err, norm_idw)
   local = parts.local()
   value, move, err, rounding = _add(
       value + parts.value, jnp.minimum(node_bound, norm_idw * move),
@@ -339,7 +305,7 @@ def _linear_residual(layer: Layer, value, move, err: _Err, norm_dw,
   return value, move, err, local + rounding
 
 
-def _residual(unit: _Unit, value, move, err: _Err, norms, node_bounds, act,
+def _residual(unit: _Unit, value, move, err: Err, norms, node_bounds, act,
               gain: float, ulps: float, nodes: list):
   """``S x + W_m phi(... phi(W_0 x))``: branch, shortcut, then the sum.
 
@@ -371,11 +337,6 @@ def _residual(unit: _Unit, value, move, err: _Err, norms, node_bounds, act,
   return value, move, err, local + rounding
 
 
-def _terms(err: _Err):
-  """``(L2 norms at R = 0 [B], per unit of R)`` of an error."""
-  return float32_error.row_l2(err.fresh) + err.xi, err.beta
-
-
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
                activation: str):
@@ -396,8 +357,8 @@ def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
   value = (x - mean) * inv_std
   move = jnp.max(inv_std)
   rounding = (1.0 + U32)**3 - 1.0
-  err = _Err(rounding * jnp.abs(value) + 4.0 * FLUSH * (1.0 + move),
-             jnp.zeros(x.shape[0], x.dtype), rounding * move)
+  err = Err(rounding * jnp.abs(value) + 4.0 * FLUSH * (1.0 + move),
+            jnp.zeros(x.shape[0], x.dtype), rounding * move)
   nodes, outputs = [], [err]
   n, node = 0, 0
   for unit in units:
@@ -421,22 +382,13 @@ def _propagate(units, x, norms, node_bounds, inv_std, mean, *,
     if not unit.activated:
       return {"carried": (err.fresh, err.xi, err.beta),
               "logits": (local.fresh, local.xi, local.beta),
-              "nodes": _stack_terms([(pre.times(gain) + act_local)
-                                     for pre, act_local in nodes]),
-              "outputs": _stack_terms(outputs)}
+              "nodes": float32_error.stack_terms(
+                  [pre.times(gain) + act_local for pre, act_local in nodes]),
+              "outputs": float32_error.stack_terms(outputs)}
     value, move, err, h_local = _activate(value, move, err, act, gain, ulps)
     nodes.append((local, h_local))
     node += 1
   raise ValueError("The last layer must be a dense layer without activation.")
-
-
-def _stack_terms(errors: list):
-  """``([B, J], [J])`` of :func:`_terms` for a list of errors."""
-  if not errors:
-    return None
-  terms = [_terms(e) for e in errors]
-  return (jnp.stack([t for t, _ in terms], axis=1),
-          jnp.stack([jnp.asarray(b, jnp.float64) for _, b in terms]))
 
 
 def num_nodes(model) -> int:
@@ -533,23 +485,14 @@ def logit_error_bounds(model, images, layer_norms, lipschitz_to,
         _units(model), jnp.asarray(np.asarray(images, np.float64)),
         jnp.asarray(norms), jnp.asarray(bounds), jnp.asarray(1.0 / std),
         jnp.asarray(mean), activation=model.activation))
-  slack = 1.0 + 1e-9
   if tails is None:
-    fresh, xi, beta = parts["carried"]
-    return float32_error.EvaluationError(
-        elementwise=fresh * slack, l2=xi * slack,
-        l2_slope=float(beta) * slack)
+    return float32_error.EvaluationError.from_parts(parts["carried"])
   node_tails = np.asarray(tails[0], np.float64)
   every = [(output_tails(model, norms, node_tails, tails[1]),
             parts["outputs"])]
   if parts["nodes"] is not None:
     every.insert(0, (node_tails, parts["nodes"]))
-  fresh, xi, beta = parts["logits"]
-  return float32_error.EvaluationError(
-      elementwise=fresh * slack, l2=xi * slack, l2_slope=float(beta) * slack,
-      tails=np.concatenate([t for t, _ in every]),
-      tail_terms=np.concatenate([p[0] for _, p in every], axis=1) * slack,
-      tail_slopes=np.concatenate([p[1] for _, p in every]) * slack)
+  return float32_error.EvaluationError.from_parts(parts["logits"], every)
 
 
 def check_finite(model) -> None:

@@ -28,6 +28,8 @@ needs (:mod:`lipjax.certification.float32_residual`).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lipjax import api
@@ -100,6 +102,50 @@ def _layer_bounds(chain, certified: dict) -> dict[str, np.ndarray]:
           "lipschitz_to": np.asarray([float(v) for v in m], np.float64)}
 
 
+@jax.jit
+def _tails_jit(chain, norms):
+  return bounds_lib.liplt_pair_tails(chain, norms)
+
+
+def chain_error_tails(chain, norms: np.ndarray, row_factor: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Pairwise Lipschitz bounds from inside a plain chain to the logits.
+
+  For the float32 evaluation margin
+  (:func:`lipjax.certification.float32_error.logit_error_bounds`): a
+  rounding error made at layer ``k``'s activation output reaches a class
+  pair's logit difference through at most ``node_tails[k]`` times its L2
+  norm (:func:`lipjax.bounds.liplt_pair_tails` from layer ``k + 1``; the
+  last, ``k = N - 2``, is the logits layer's pair rows), and one made at
+  the input through at most ``input_tail`` (the network's own pairwise
+  bound, in pixel units).
+
+  Args:
+    chain: the chain with scales rounded up
+      (:func:`lipjax.linear_maps.with_scales_rounded_up`).
+    norms: certified upper bounds on the norms of
+      ``required_products(N, method="liplt", kind="pairwise")``.
+    row_factor: :func:`lipjax.norm_certificates.class_row_factor` for
+      pairwise rows (covers their float64 evaluation and inner scales).
+
+  Returns:
+    ``(node_tails [N-1, K, K], input_tail [K, K])`` float64, upper bounds:
+    sums of class-row norms with nonnegative coefficients, so the row
+    factor covers them; the recursion's own float64 roundings get
+    :data:`lipjax.residual_certified.ASSEMBLY_ROUNDING`.
+  """
+  expected = len(bounds_lib.required_products(
+      chain.num_layers, method="liplt", kind="pairwise"))
+  if np.shape(norms) != (expected,):
+    raise ValueError(f"Expected the {expected} norms of a pairwise LipLT "
+                     f"certificate, got shape {np.shape(norms)}.")
+  with jax.enable_x64(True):
+    tails = np.asarray(_tails_jit(chain.astype(jnp.float64),
+                                  jnp.asarray(norms, jnp.float64)))
+  tails = tails * (row_factor * (1.0 + residual_certified.ASSEMBLY_ROUNDING))
+  return tails[1:], tails[0]
+
+
 def sound_bound(model, *, method: str, kind: str,
                 exact: bool | str = "auto",
                 max_exact_bytes: int = exact_lib.DEFAULT_MAX_BYTES,
@@ -134,9 +180,10 @@ def sound_bound(model, *, method: str, kind: str,
     float64 per-layer bounds the float32-evaluation margin needs (for a
     ResidualNet in :func:`~lipjax.certification.float32_residual.op_norms`'
     layout, and the LipLT node bounds or ``inf``), and a JSON-able
-    per-product report. A ResidualNet's dict also has ``"error_tails"``:
-    :func:`lipjax.residual_certified.error_tails` for a pairwise LipLT
-    bound, else None.
+    per-product report. The dict also has ``"error_tails"`` for a
+    pairwise LipLT bound (:func:`chain_error_tails`, or for a ResidualNet
+    :func:`lipjax.residual_certified.error_tails`), else None (and for a
+    plain network above ``large_class_threshold`` classes).
 
   Raises:
     MemoryError: ``exact=True`` and some Gram matrix exceeds the limit.
@@ -184,6 +231,14 @@ def sound_bound(model, *, method: str, kind: str,
     results[name] = api.round_up_to_float32(value.astype(np.float64) * rows)
   results["bound"] = results[method]
   results.update(_layer_bounds(chain, certified))
+  # With the pairwise LipLT certificate's norms and class rows, the float32
+  # margin carries each rounding error to the logits by the pairwise bound
+  # from where it is made.
+  results["error_tails"] = (chain_error_tails(
+      chain, np.asarray([certified[p] for p in products], np.float64), rows)
+                            if (method, kind) == ("liplt", "pairwise")
+                            and chain.num_classes <= large_class_threshold
+                            else None)
   product_rows = certificate.rows()
   for row, size in zip(product_rows, sizes):
     row.update(in_dim=size.in_dim, out_dim=size.out_dim,
