@@ -379,3 +379,48 @@ def test_concatenate_keeps_every_example_and_the_largest_slopes():
       dataclasses.replace(first, tails=None, tail_terms=None,
                           tail_slopes=None)] * 2)
   assert plain.tails is None and plain.l2.shape == (4,)
+
+
+def _batch_norm_model(spec, input_shape, scales):
+  """A ReLU network with batch norm (mean 0, var 1, bias 0, the given
+  scales), ``[B]`` multipliers as the margin computes them (float32)."""
+  model = lipjax.models.build(spec, num_classes=3, input_shape=input_shape,
+                              rngs=nnx.Rngs(0), batch_norm=True)
+  muls = []
+  for bn, scale in zip(model.batch_norms, scales):
+    c = bn.mean[...].shape[0]
+    bn.mean[...], bn.bias[...] = jnp.zeros(c), jnp.zeros(c)
+    bn.var[...], bn.scale[...] = jnp.ones(c), jnp.full(c, scale, jnp.float32)
+    muls.append(float(jax.lax.rsqrt(jnp.float32(1.0 + bn.epsilon))
+                      * jnp.float32(scale)))
+  return model, muls
+
+
+def test_batch_norm_rounds_the_error_its_input_carries():
+  # Layer 0 cancels 16 terms of +-1000 to exactly 0, so its output's
+  # rounding error e (up to gamma_17 sum |w x|) is all its next layer
+  # sees: layer 1 (w = [1, -2, 3], batch norm x5, all else 0) is exact at
+  # 0, but on the computed input e it rounds its product, batch norm's
+  # subtraction, product and sum: (1 + gamma_2)(1 + u)^3 - 1 of D w e. The
+  # error made there (its node's tail term) must hold that; its own
+  # rounding alone (gamma_2 D |w| e) does not: batch norm's rounding of
+  # the carried error W e is needed too.
+  model, (mul0, mul1) = _batch_norm_model(
+      [("conv", 1, 1, 1, 0), ("conv", 3, 1, 1, 0), ("dense", None)],
+      (1, 1, 16), (1.0, 5.0))
+  signs = np.where(np.arange(16) % 2, -1.0, 1.0)
+  model.layers[0].kernel[...] = jnp.asarray(
+      1e3 * signs[None, None, :, None], jnp.float32)
+  w = np.array([1.0, -2.0, 3.0])
+  model.layers[1].kernel[...] = jnp.asarray(w[None, None, None], jnp.float32)
+  for layer in model.layers[:2]:
+    layer.bias[...] = jnp.zeros_like(layer.bias[...])
+  x = np.repeat(np.random.default_rng(0).uniform(0.2, 1.0, (4, 1, 1, 8)),
+                2, axis=-1).astype(np.float32)
+  error = _error(model, x, tails=True)
+  e = (float32_error.gamma(17) * 1e3 * mul0
+       * np.abs(x.astype(np.float64)).reshape(len(x), -1).sum(axis=1))
+  worst = ((1.0 + float32_error.gamma(2)) * (1.0 + float32_error.U32)**3
+           - 1.0) * mul1 * np.linalg.norm(w) * e
+  assert np.all(error.tail_terms[:, 2] >= worst)
+
