@@ -424,3 +424,20 @@ def test_batch_norm_rounds_the_error_its_input_carries():
            - 1.0) * mul1 * np.linalg.norm(w) * e
   assert np.all(error.tail_terms[:, 2] >= worst)
 
+
+def test_batch_norm_multiplier_error_compounds_with_its_roundings():
+  # Batch norm rounds 3 times and its multiplier may differ from the
+  # device's by 4u: |D (z - mean)| may err by (1 + u)^3 (1 + 4u) - 1 of
+  # itself, 15 u^2 above first order (gamma_3 + 4u has 9 u^2). With a
+  # negligible conv and means of +-1000 that is nearly all layer 0 rounds
+  # (relative gap ~5e-8, far above the bound's 1e-9 slack for its own
+  # arithmetic).
+  model, (mul,) = _batch_norm_model([("conv", 2, 1, 1, 0), ("dense", None)],
+                                    (1, 1, 2), (3.0,))
+  model.batch_norms[0].mean[...] = jnp.asarray([1e3, -1e3], jnp.float32)
+  model.layers[0].kernel[...] = jnp.full((1, 1, 2, 2), 1e-12, jnp.float32)
+  model.layers[0].bias[...] = jnp.zeros(2)
+  error = _error(model, np.full((1, 1, 1, 2), 0.5, np.float32), tails=True)
+  u = float32_error.U32
+  worst = ((1.0 + u)**3 * (1.0 + 4.0 * u) - 1.0) * mul * np.sqrt(2.0) * 1e3
+  assert error.tail_terms[0, 1] >= worst

@@ -264,8 +264,10 @@ def _layer_error(layer: Layer, h, move, err: Err, through):
     return z, own + carry(by_abs, err, through), own
   # BN rounds 3 times; its multiplier may also differ from the device's
   # by a few ulps (another computation of gamma * rsqrt(var + eps)): a
-  # relative 2 g3 on what enters it, and g3 of its own values.
-  mul, g3 = jnp.abs(layer.bn_mul), gamma(3) + 4.0 * U32
+  # relative 2 g3 on what enters it, and g3 of its own values. The
+  # factors compound: (1 + gamma_3)(1 + 4u) - 1, not gamma_3 + 4u.
+  mul = jnp.abs(layer.bn_mul)
+  g3 = (1.0 + gamma(3)) * (1.0 + 4.0 * U32) - 1.0
   top = jnp.max(mul)
   bn_bias = 0.0 if layer.bn_bias is None else jnp.abs(layer.bn_bias)
   own = Err(mul * own.fresh, top * own.xi, top * own.beta)
