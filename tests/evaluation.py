@@ -18,12 +18,16 @@ from lipjax import activations
 from lipjax import residual_models
 
 
+def float64_model(model):
+  """The model with every parameter cast to float64 (call under x64)."""
+  graphdef, state = nnx.split(model)
+  state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+  return nnx.merge(graphdef, state64)
+
+
 def float64_logits(model, x) -> np.ndarray:
   with jax.enable_x64(True):
-    graphdef, state = nnx.split(model)
-    state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-    return np.asarray(nnx.merge(graphdef, state64)(jnp.asarray(
-        x, jnp.float64)))
+    return np.asarray(float64_model(model)(jnp.asarray(x, jnp.float64)))
 
 
 # One jitted function, so that repeated calls on one model compile once.
@@ -85,8 +89,7 @@ def hooked(model, *, node=None, block=None):
   activation output (the ``node``-th activation the network applies) or to
   residual block ``block``'s output (``p=None``: nothing added; the shape
   of that point is recorded in ``.shape``)."""
-  graphdef, state = nnx.split(model)
-  state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+  model64 = float64_model(model)
   spec = activations.get_activation(model.activation)
   block_call = residual_models.ResidualBlock.__call__
 
@@ -105,7 +108,7 @@ def hooked(model, *, node=None, block=None):
     blocks = lambda self, h, fn: add(block_call(self, h, fn), "block", block)
     with Patched(activations, "get_activation", lambda name: with_hook), \
         Patched(residual_models.ResidualBlock, "__call__", blocks):
-      return nnx.merge(graphdef, state64)(x)
+      return model64(x)
   return apply
 
 

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import lipjax
+from lipjax import linear_maps
 from lipjax.certification import float32_error
 from lipjax.certification import sound_bound
 from tests import evaluation
@@ -441,3 +442,120 @@ def test_batch_norm_multiplier_error_compounds_with_its_roundings():
   u = float32_error.U32
   worst = ((1.0 + u)**3 * (1.0 + 4.0 * u) - 1.0) * mul * np.sqrt(2.0) * 1e3
   assert error.tail_terms[0, 1] >= worst
+
+
+def _exact_layer_matrices(model) -> list[np.ndarray]:
+  """``[out, in]`` matrices of the float64 network's layers (batch norm's
+  multiplier computed in float64), the first from the normalized input
+  (without ``1/std``)."""
+  with jax.enable_x64(True):
+    chain = linear_maps.to_chain(evaluation.float64_model(model))
+  first = dataclasses.replace(chain.ops[0], in_scale=None)
+  chain = linear_maps.from_ops((first,) + chain.ops[1:], slopes=chain.slopes)
+  return [linear_maps.dense_matrix(chain, k, k)
+          for k in range(chain.num_layers)]
+
+
+def _flip_ascent(up, lam, down, slopes):
+  """Flips entries of ``lam`` between the slopes while that lengthens
+  ``up @ (lam * down)`` (a convex function of each entry, so its maximum
+  over ``[alpha, beta]`` is at an end); returns whether any flipped."""
+  v = up @ (lam * down)
+  flipped = False
+  for j in range(len(lam)):
+    step = (sum(slopes) - 2.0 * lam[j]) * down[j] * up[:, j]
+    if 2.0 * v @ step + step @ step > 1e-12 * (v @ v):
+      lam[j], v, flipped = sum(slopes) - lam[j], v + step, True
+  return flipped
+
+
+def _searched_pair_jacobian(mats, s, row, slopes, rng, starts=3):
+  """The largest ``||row^T W_{N-1} D_{N-2} W_{N-2} ... D_s W_s||`` found
+  over diagonal ``D_k`` with entries in ``[alpha, beta]``: local search
+  over their vertices (every slope an activation may take at some point;
+  ``mats``: ``[W_0, ..., W_{N-1}]``), from all-``beta`` and random
+  starts."""
+  if s == len(mats) - 1:
+    return float(np.linalg.norm(mats[-1].T @ row))
+  widths = [len(m) for m in mats[s:-1]]
+  best = 0.0
+  for start in range(starts):
+    lams = [np.full(w, slopes[1]) if start == 0 else
+            rng.choice(np.asarray(slopes), w) for w in widths]
+    flipped = True
+    while flipped:
+      flipped = False
+      for b in range(len(lams)):
+        up = mats[s].T  # W_s^T D_s ... W_{s+b}^T
+        for k in range(b):
+          up = (up * lams[k]) @ mats[s + k + 1].T
+        down = mats[-1].T @ row  # W_{s+b+1}^T D_{s+b+1} ... W_{N-1}^T row
+        for k in range(len(lams) - 1, b, -1):
+          down = mats[s + k].T @ (lams[k] * down)
+        flipped |= _flip_ascent(up, lams[b], down, slopes)
+      best = max(best, float(np.linalg.norm(up @ (lams[b] * down))))
+  return best
+
+
+def _tail_model(spec, input_shape, activation, std, scales, bn_seed=None):
+  """3 classes, layer ``k``'s weights times ``scales[k]``; ``bn_seed``:
+  batch norm with variances 1e-3..1e3 and multipliers up to 1e3."""
+  model = lipjax.models.build(
+      spec, num_classes=3, input_shape=input_shape, rngs=nnx.Rngs(0),
+      activation=activation, batch_norm=bn_seed is not None,
+      input_mean=(0.3, 0.6), input_std=std)
+  for layer, scale in zip(model.layers, scales, strict=True):
+    layer.kernel[...] = layer.kernel[...] * scale
+  rng = np.random.default_rng(bn_seed)
+  for bn in model.batch_norms:
+    c = bn.var[...].shape[0]
+    bn.var[...] = jnp.asarray(10**rng.uniform(-3, 3, c), jnp.float32)
+    bn.scale[...] = jnp.asarray(rng.normal(size=c) * 10**rng.uniform(-3, 3),
+                                jnp.float32)
+    bn.mean[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
+  return model
+
+
+_DENSE = [("dense", 7), ("dense", 6), ("dense", 5), ("dense", None)]
+_CONV = [("conv", 3, 3, 1, 1), ("conv", 2, 3, 2, 1), ("dense", None)]
+
+
+@pytest.mark.parametrize("spec,activation,std,scales,bn_seed", [
+    (_DENSE, "relu", (1.9, 1.9), (1e-6, 1e5, 30.0, 1e-2), None),
+    (_DENSE, "abs", (0.03, 30.0), (1e3, 1e-4, 1.0, 1e6), None),
+    (_CONV, "leaky_relu", (1.0, 0.4), (3e-5, 1e4, 1e-3), 1),
+    (_CONV, "leaky_relu", (0.06, 5.0), (1e6, 1e-6, 1.0), 2)])
+def test_tails_bound_the_pair_jacobians_for_every_slope(spec, activation,
+                                                        std, scales,
+                                                        bn_seed):
+  # Stronger than sampling points: for every class pair, from the
+  # normalized input and from every activation's output, the exact
+  # network's pair Jacobian maximized over the slopes each activation may
+  # take (local search over their vertices) is within the tail the margin
+  # uses, up to float64 rounding; weights scaled 1e-6..1e6, stds far from
+  # 1 and unequal, batch norm far from identity. The logits layer's tail
+  # is its pair rows' norm ||w_y - w_i|| times the class-row factor (which
+  # covers rows computed in float64: near 1, but ~1e-4 above it when
+  # batch norm's multipliers span 1e-6..1e4); the others are not far above
+  # what the search reaches (from the input: up to max(std) / min(std)).
+  shape = (2, 2, 2) if spec is _DENSE else (4, 4, 2)
+  model = _tail_model(spec, shape, activation, std, scales, bn_seed)
+  tails = _error(model, np.zeros((1,) + shape, np.float32), tails=True).tails
+  mats = _exact_layer_matrices(model)
+  slopes = lipjax.activations.get_activation(activation).slopes
+  rng = np.random.default_rng(0)
+  reach = np.zeros(len(mats))
+  for s in range(len(mats)):
+    for y, i in zip(*np.triu_indices(3, k=1)):
+      row = np.eye(3)[y] - np.eye(3)[i]
+      got = _searched_pair_jacobian(mats, s, row, slopes, rng)
+      assert got <= tails[s, y, i] * (1 + 1e-10), (s, got / tails[s, y, i])
+      assert tails[s, i, y] == tails[s, y, i]
+      reach[s] = max(reach[s], got / tails[s, y, i])
+  kernel = np.asarray(model.layers[-1].kernel[...], np.float64)
+  rows = np.linalg.norm(kernel.T[:, None] - kernel.T[None], axis=-1)
+  off = ~np.eye(3, dtype=bool)
+  factor = tails[-1][off] / rows[off]
+  np.testing.assert_allclose(factor, factor[0], rtol=1e-12)
+  assert 1.0 <= factor[0] <= 1.0 + (1e-9 if bn_seed is None else 1e-3)
+  assert reach[0] >= 0.5 * min(std) / max(std) and np.all(reach[1:] >= 0.5)
