@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lipjax import activations
+from lipjax import activations, fast_conv
 
 
 def _conv(features, kernel, stride, padding):
@@ -119,6 +119,9 @@ def _input_normalization(input_mean, input_std, *, channels: int
 def _conv_layer(layer, shape, *, rngs: nnx.Rngs, where: str, input_shape):
   """An ``nnx.Conv`` for a ``("conv", ...)`` spec on an ``(H, W, C)`` input.
 
+  Its convolution is :func:`lipjax.fast_conv.conv_general_dilated`: the
+  same function, with faster gradients on XLA:CPU.
+
   Returns:
     ``(conv, output_shape)``.
   """
@@ -134,7 +137,8 @@ def _conv_layer(layer, shape, *, rngs: nnx.Rngs, where: str, input_shape):
   init = _torch_default_init(kernel * kernel * c_in)
   conv = nnx.Conv(c_in, features, (kernel, kernel), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), kernel_init=init,
-                  bias_init=init, rngs=rngs)
+                  bias_init=init, rngs=rngs,
+                  conv_general_dilated=fast_conv.conv_general_dilated)
   return conv, (out_h, out_w, features)
 
 

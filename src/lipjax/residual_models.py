@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lipjax import activations
+from lipjax import activations, fast_conv
 from lipjax import models
 
 CONV_KINDS = ("conv", "residual", "linear_residual")
@@ -156,7 +156,8 @@ def _same_conv(c_in, features, kernel, stride, *, rngs):
   init = models._torch_default_init(kernel * kernel * c_in)  # pylint: disable=protected-access
   return nnx.Conv(c_in, features, (kernel, kernel), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), kernel_init=init,
-                  bias_init=init, rngs=rngs)
+                  bias_init=init, rngs=rngs,
+                  conv_general_dilated=fast_conv.conv_general_dilated)
 
 
 def _strided_size(size: int, stride: int) -> int:
