@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -47,11 +48,7 @@ def train_steps(*, quick, sink, iterations=5, batch_size=512, archs=None):
       step, state, batch = make_step(arch, loss, iterations, batch_size)
       info = common.compile_info(step, state, batch)
       box = [state]
-
-      def run():
-        box[0], metrics = step(box[0], batch)
-        return metrics
-
+      run = _step_runner(step, box, batch)
       timing = common.time_fn(run, repeats=3 if quick else 7, warmup=2)
       times[loss] = timing["median_s"]
       # Epoch throughput: steps dispatched back to back, one sync at the end.
@@ -105,12 +102,7 @@ def ablation_unroll(*, quick, sink, iterations=5):
         if quick and arch != "4C3F":
           continue
         step, state, batch = make_step(arch, "crm", iterations, 512)
-        box = [state]
-
-        def run():
-          box[0], metrics = step(box[0], batch)
-          return metrics
-
+        run = _step_runner(step, [state], batch)
         timing = common.time_fn(run, repeats=3 if quick else 7, warmup=2)
         common.emit({"name": "ablation_unroll", "arch": arch,
                      "variant": label, "mode": "CRM train step",
@@ -118,3 +110,49 @@ def ablation_unroll(*, quick, sink, iterations=5):
                      "load_average_1min": common.load_average()}, sink)
   finally:
     power_iteration.UNROLL_LIMIT = default
+
+
+def ablation_conv(*, quick, sink, iterations=5):
+  """CRM train step with the models' convs plain ``lax`` vs ``fast_conv``.
+
+  Interleaved in one process (A, B, A, B, ...) so that both sides see the
+  same load. The plain side builds its models with
+  ``conv_general_dilated=lax.conv_general_dilated``, the code before.
+  """
+  from lipjax import fast_conv  # pylint: disable=import-outside-toplevel
+  fast = fast_conv.conv_general_dilated
+  repeats = 3 if quick else 7
+  for arch in ("4C3F", "6C2F"):
+    runs = {}
+    try:
+      for label, conv in (("lax", jax.lax.conv_general_dilated),
+                          ("fast_conv", fast)):
+        fast_conv.conv_general_dilated = conv  # read when models are built
+        step, state, batch = make_step(arch, "crm", iterations, 512)
+        runs[label] = _step_runner(step, [state], batch)
+        common.block(runs[label]())
+        common.block(runs[label]())
+    finally:
+      fast_conv.conv_general_dilated = fast
+    times = {label: [] for label in runs}
+    for _ in range(repeats):
+      for label, run in runs.items():
+        start = time.perf_counter()
+        common.block(run())
+        times[label].append(time.perf_counter() - start)
+    for label, values in times.items():
+      common.emit({"name": "ablation_conv", "arch": arch, "variant": label,
+                   "mode": "CRM train step", "iterations": iterations,
+                   "median_s": statistics.median(values),
+                   "min_s": min(values), "repeats": repeats,
+                   "load_average_1min": common.load_average()}, sink)
+
+
+def _step_runner(step, box, batch):
+  """``run()``: one step on the state in ``box[0]`` (updated), its metrics."""
+
+  def run():
+    box[0], metrics = step(box[0], batch)
+    return metrics
+
+  return run

@@ -160,6 +160,16 @@ def render(records, meta) -> str:
                      [[r["arch"], r.get("mode"), r["variant"], r["median_s"],
                        r.get("load_average_1min")] for r in abl]), ""]
 
+  abl = by("ablation_conv")
+  if abl:
+    lines += ["### Ablation: model convs plain `lax` vs `fast_conv`", "",
+              "CRM train step, batch 512, interleaved in one process; `lax` "
+              "is the code before `lipjax.fast_conv` (same forward, faster "
+              "gradients).", ""]
+    lines += [_table(["arch", "variant", "median s", "min s", "load"],
+                     [[r["arch"], r["variant"], r["median_s"], r["min_s"],
+                       r.get("load_average_1min")] for r in abl]), ""]
+
   lines += [f"Peak resident memory of the benchmark process: "
             f"{meta['peak_rss'] / 2**30:.2f} GiB.", ""]
   return "\n".join(lines)

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
                           trained_workdir=args.trained_workdir)
   if "ablation" in only:
     bench_train.ablation_unroll(quick=args.quick, sink=records)
+    bench_train.ablation_conv(quick=args.quick, sink=records)
   residual = common.Records(args.residual_records)
   if "residual" in only:
     bench_residual.run(quick=args.quick, sink=residual,
