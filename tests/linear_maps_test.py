@@ -155,8 +155,8 @@ def test_float64_conv_by_patches_is_lax_conv(case):
     got = op(x)
   assert got.dtype == jnp.float64 and got.shape == expected.shape
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
-                             rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(
-                                 expected))))
+                             rtol=0, atol=1e-12 * float(np.max(np.abs(
+                                 np.asarray(expected)))))
 
 
 @pytest.mark.parametrize("case", _CONV_CASES)
