@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -73,6 +74,26 @@ def test_smoke_end_to_end(tmp_path, monkeypatch):
       "val/certified_accuracy@0.05"] <= result["val/clean_accuracy"]
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["architecture"] == "2C2F"
+
+
+def test_step_time_is_the_span_since_the_last_log_per_step():
+  # The host dispatches steps ahead of the device; the span between two
+  # waits for results, over the steps it covers, is the time per step.
+  times = iter([10.0, 13.0, 14.0])
+  clock = loop._StepClock(5, clock=lambda: next(times))
+  assert clock.lap(8) == 1.0  # 3 s over steps 6, 7, 8
+  assert clock.lap(12) == 0.25  # 1 s over steps 9 .. 12
+
+
+def test_resumed_first_epoch_time_starts_at_its_first_step():
+  # No record before epoch 0: its start is the first record's time less
+  # the steps that record covers, at its step_time each.
+  records = [{"kind": "train", "step": 4, "time": 100.0, "step_time": 2.0},
+             {"kind": "train", "step": 8, "time": 108.0, "step_time": 2.0}]
+  run = types.SimpleNamespace(steps_per_epoch=10, kept_records=records)
+  logs, seconds = loop._kept_epoch_part(run, 0)
+  assert seconds == 16.0
+  assert [r["step_time"] for r in logs] == [2.0, 2.0]
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
