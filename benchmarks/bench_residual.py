@@ -113,15 +113,10 @@ def describe(model) -> dict:
 
 
 def _interleaved(calls: dict, repeats: int) -> dict:
-  """Median seconds per named call, the calls alternating ``repeats``
-  times (on a shared machine, load changes hit every call alike)."""
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, fn in calls.items():
-      start = time.perf_counter()
-      common.block(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  """Median seconds per named call, the calls interleaved
+  (:func:`common.interleaved_times`)."""
+  return {name: statistics.median(t)
+          for name, t in common.interleaved_times(calls, repeats).items()}
 
 
 def training_times(model, *, repeats: int, compile_liplt: bool = True

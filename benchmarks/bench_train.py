@@ -134,12 +134,7 @@ def ablation_conv(*, quick, sink, iterations=5):
         common.block(runs[label]())
     finally:
       fast_conv.conv_general_dilated = fast
-    times = {label: [] for label in runs}
-    for _ in range(repeats):
-      for label, run in runs.items():
-        start = time.perf_counter()
-        common.block(run())
-        times[label].append(time.perf_counter() - start)
+    times = common.interleaved_times(runs, repeats)
     for label, values in times.items():
       common.emit({"name": "ablation_conv", "arch": arch, "variant": label,
                    "mode": "CRM train step", "iterations": iterations,

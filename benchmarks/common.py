@@ -52,6 +52,22 @@ def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
           "max_s": max(times), "repeats": len(times)}
 
 
+def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int
+                      ) -> dict[str, list[float]]:
+  """Seconds of each named call, the calls alternating ``repeats`` times.
+
+  On a shared machine, load changes hit every call alike. Each call's
+  outputs are blocked on.
+  """
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      block(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 def compile_info(jitted, *args) -> dict:
   """FLOPs (XLA cost analysis), memory sizes and compile time of a jit."""
   start = time.perf_counter()
